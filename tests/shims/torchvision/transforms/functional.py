@@ -1,0 +1,6 @@
+"""Shim for ``torchvision.transforms.functional``; see tests/shims/README.md."""
+
+from .. import _stub
+from .._stub import InterpolationMode  # noqa: F401
+
+__getattr__ = _stub.make_getattr(__name__)

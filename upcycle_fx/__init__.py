@@ -1,0 +1,21 @@
+"""upcycle_fx: turn a trained dense transformer into a sparse Mixture-of-Experts model.
+
+    moe_model = upcycle_fx.rewrite(model, pattern="every_other_mlp", num_experts=8, top_k=2)
+"""
+
+from .api import UpcycleResult, aux_loss, find_mlps, rewrite, upcycle
+from .config import UpcycleConfig
+from .errors import (CaptureError, NoMLPFoundError, NoMLPSelectedError, RewriteError,
+                     UpcycleConfigError, UpcycleError)
+from .moe import MoE
+from .passes import FoldedIntoMoE, MLPMatch
+from .patterns import register_activation
+from .report import moe_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "rewrite", "upcycle", "find_mlps", "moe_layers", "aux_loss", "UpcycleConfig", "UpcycleResult",
+    "MoE", "MLPMatch", "FoldedIntoMoE", "register_activation", "UpcycleError", "UpcycleConfigError",
+    "CaptureError", "NoMLPFoundError", "NoMLPSelectedError", "RewriteError", "__version__",
+]

@@ -1,0 +1,166 @@
+"""Capture: the whole model where it traces, otherwise the smallest regions that do.
+
+Regions are tried top-down: the model, then each child that holds at least two projection
+layers, recursively, until a region traces. Each failure is kept with its reason so that a
+model the pass cannot see into fails loudly, never silently.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from ..errors import CaptureError
+from .inputs import ModelInputs, resolve_inputs
+from .leaves import LeafPolicy, is_projection_module
+from .tracer import CaptureTracer, ModuleSpan
+
+_WRAPPED = "wrapped"
+
+
+@dataclass
+class CapturedRegion:
+    """One traced region of the user's model. Graph targets are relative to `root`."""
+
+    prefix: str               # path of the region in the user's model ('' = whole model)
+    root: nn.Module           # the traced root (the region itself, or a call wrapper around it)
+    graph: fx.Graph
+    spans: list[ModuleSpan]
+    call_counts: Counter      # absolute module path -> calls seen in this region
+    specializations: list[str]
+    inner: str = ""           # path of the region inside `root` ('' or 'wrapped')
+
+    def absolute(self, target: str) -> str:
+        """Absolute module/parameter path in the user's model for a graph target."""
+        if self.inner:
+            target = "" if target == self.inner else target.removeprefix(self.inner + ".")
+        return ".".join(p for p in (self.prefix, target) if p)
+
+    def module(self, target: str) -> nn.Module:
+        return self.root.get_submodule(target)
+
+
+@dataclass
+class Capture:
+    regions: list[CapturedRegion]
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
+
+
+class _CallWrapper(nn.Module):
+    """Calls `wrapped` with recorded (args, kwargs): tensors become placeholders, the rest is
+    baked in. Gives the trace root a plain fixed-arity signature (HF 5.x forwards are wrapped in
+    `(*args, **kwargs)` decorators that FX cannot trace as a root)."""
+
+    def __init__(self, module: nn.Module, inputs: ModelInputs) -> None:
+        super().__init__()
+        self.wrapped = module
+        flat, self._spec = pytree.tree_flatten((inputs.args, inputs.kwargs))
+        self._is_tensor = [isinstance(x, torch.Tensor) for x in flat]
+        self._constants = [None if t else x for x, t in zip(flat, self._is_tensor)]
+        self.example_tensors = [x for x, t in zip(flat, self._is_tensor) if t]
+
+    def call(self, *tensors):
+        supply = iter(tensors)
+        flat = [next(supply) if t else c for t, c in zip(self._is_tensor, self._constants)]
+        args, kwargs = pytree.tree_unflatten(flat, self._spec)
+        return self.wrapped(*args, **kwargs)
+
+
+def _wrapper_class(arity: int) -> type[_CallWrapper]:
+    names = ", ".join(f"t{i}" for i in range(arity))
+    namespace: dict[str, Any] = {}
+    exec(f"def forward(self, {names}):\n    return self.call({names})\n", namespace)  # noqa: S102
+    return type(f"CallWrapper{arity}", (_CallWrapper,), {"forward": namespace["forward"]})
+
+
+def trace_region(module: nn.Module, prefix: str, inputs: ModelInputs | None,
+                 leaf_policy: LeafPolicy | None = None) -> CapturedRegion:
+    """Trace one module: symbolically without inputs, with shadow values with inputs."""
+    if inputs is None:
+        tracer = CaptureTracer(leaf_policy)
+        root, inner = module, ""
+    else:
+        probe = _CallWrapper(module, inputs)
+        root = _wrapper_class(len(probe.example_tensors))(module, inputs)
+        tracer = CaptureTracer(leaf_policy, shadow_inputs=root.example_tensors)
+        inner = _WRAPPED
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tracer.trace(root)
+    region = CapturedRegion(prefix, root, graph, tracer.spans, Counter(), tracer.specializations, inner)
+    for path, count in tracer.call_counts.items():
+        region.call_counts[region.absolute(path)] += count
+    return region
+
+
+def holds_projections(module: nn.Module) -> bool:
+    """At least two projection layers (modules, or raw 2-D weights) live under `module`."""
+    count = sum(1 for m in module.modules() if is_projection_module(m))
+    count += sum(1 for m in module.modules() if not is_projection_module(m)
+                 for p in m.parameters(recurse=False) if p.dim() == 2)
+    return count >= 2
+
+
+def record_module_inputs(model: nn.Module, inputs: ModelInputs) -> dict[str, ModelInputs]:
+    """Run the model once and keep the (args, kwargs) of every module's first call."""
+    seen: dict[str, ModelInputs] = {}
+    handles = []
+    for path, module in model.named_modules():
+        def hook(mod, args, kwargs, path=path):
+            seen.setdefault(path, ModelInputs(tuple(args), dict(kwargs)))
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            inputs.call(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}"[:300]
+
+
+def capture(model: nn.Module, example_inputs: Any = None,
+            leaf_policy: LeafPolicy | None = None) -> Capture:
+    """Capture `model` as one graph, or as the smallest regions that trace."""
+    inputs = resolve_inputs(model, example_inputs)
+    failures: list[tuple[str, str]] = []
+    try:
+        return Capture([trace_region(model, "", inputs, leaf_policy)])
+    except Exception as error:  # noqa: BLE001 - any trace failure sends us one level down
+        failures.append(("", _reason(error)))
+    recorded = record_module_inputs(model, inputs) if inputs is not None else None
+    regions: list[CapturedRegion] = []
+
+    def descend(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if not holds_projections(child):
+                continue
+            child_inputs = None if recorded is None else recorded.get(path)
+            if recorded is not None and child_inputs is None:
+                continue  # never called in the example forward
+            try:
+                regions.append(trace_region(child, path, child_inputs, leaf_policy))
+            except Exception as error:  # noqa: BLE001
+                failures.append((path, _reason(error)))
+                descend(child, path)
+
+    descend(model, "")
+    if not regions:
+        where = "; ".join(f"{p or '<model>'}: {r}" for p, r in failures[:4])
+        hint = ("pass example_inputs= (a tensor, tuple or dict for one forward call) so that "
+                "capture can follow shapes" if inputs is None else
+                "mark the failing module as a leaf (leaf_modules=) or wrap the FFN in its own module")
+        raise CaptureError(f"{type(model).__name__}: no region holding projection layers could be "
+                           f"captured with torch.fx ({where}); {hint}.")
+    return Capture(regions, failures)

@@ -1,0 +1,124 @@
+"""`Experts`: E copies of one FFN, stored as stacked [E, ...] weights in the nn.Linear layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grouped import grouped_linear
+
+
+@dataclass
+class FFNWeights:
+    """The dense FFN's weights in the nn.Linear layout, gate before up for gated FFNs.
+
+    up: [F_in, D] with F_in = 2·d_ff for gated FFNs ([gate; up]) and d_ff otherwise;
+    down: [D, d_ff]; biases may be None.
+    """
+
+    up: torch.Tensor
+    up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    gated: bool
+
+    @property
+    def d_model(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def d_ff(self) -> int:
+        return self.down.shape[1]
+
+    def numel(self) -> int:
+        tensors = (self.up, self.up_bias, self.down, self.down_bias)
+        return sum(t.numel() for t in tensors if t is not None)
+
+
+class Experts(nn.Module):
+    """E experts with stacked weights (the layout of HF v5, torchtitan and ONNX Runtime's MoE).
+
+    up_proj: [E, F_in, D] (gated: gate rows then up rows), up_bias: [E, F_in] or None,
+    down_proj: [E, D, d_ff], down_bias: [E, D] or None. `activation` is the dense FFN's own
+    activation module (applied to the gate half for gated experts); `hidden_dropout` is the
+    dropout the dense FFN applied to its hidden activations, kept so training behaves the same.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool,
+                 activation: nn.Module, activation_name: str = "custom", up_bias: bool = True,
+                 down_bias: bool = True, hidden_dropout: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        up_rows = 2 * d_ff if gated else d_ff
+        self.num_experts, self.d_model, self.d_ff, self.gated = num_experts, d_model, d_ff, gated
+        self.up_proj = nn.Parameter(torch.empty(num_experts, up_rows, d_model, **factory))
+        self.up_bias = nn.Parameter(torch.empty(num_experts, up_rows, **factory)) if up_bias else None
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
+        self.down_bias = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if down_bias else None
+        self.activation = activation
+        self.activation_name = activation_name  # e.g. "silu", "gelu_tanh": for reports and ONNX
+        self.hidden_dropout = float(hidden_dropout)
+
+    @classmethod
+    def tile(cls, ffn: FFNWeights, num_experts: int, *, activation: nn.Module,
+             activation_name: str = "custom", hidden_dropout: float = 0.0, noise_std: float = 0.0,
+             generator: torch.Generator | None = None) -> "Experts":
+        """E exact copies of `ffn` (plus N(0, noise_std) on the weight matrices if asked)."""
+        experts = cls(num_experts, ffn.d_model, ffn.d_ff, gated=ffn.gated, activation=activation,
+                      activation_name=activation_name,
+                      up_bias=ffn.up_bias is not None, down_bias=ffn.down_bias is not None,
+                      hidden_dropout=hidden_dropout, device=ffn.up.device, dtype=ffn.up.dtype)
+        with torch.no_grad():
+            pairs = [(experts.up_proj, ffn.up), (experts.up_bias, ffn.up_bias),
+                     (experts.down_proj, ffn.down), (experts.down_bias, ffn.down_bias)]
+            for stacked, dense in pairs:
+                if stacked is not None:
+                    stacked.copy_(dense.detach().unsqueeze(0).expand_as(stacked))
+            if noise_std > 0:
+                for stacked in (experts.up_proj, experts.down_proj):
+                    noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+                    stacked.add_(noise.mul_(noise_std).to(stacked))
+        return experts
+
+    def ffn_numel(self) -> int:
+        """Parameters of one expert (= of the dense FFN it was copied from)."""
+        return sum(p.numel() for p in self._stacked()) // self.num_experts
+
+    def _stacked(self) -> list[torch.Tensor]:
+        return [p for p in (self.up_proj, self.up_bias, self.down_proj, self.down_bias) if p is not None]
+
+    def hidden(self, up_out: torch.Tensor) -> torch.Tensor:
+        """Activation (and gating) of the up projection's output, then hidden dropout."""
+        if self.gated:
+            gate, up = up_out.split(self.d_ff, dim=-1)
+            hidden = self.activation(gate) * up
+        else:
+            hidden = self.activation(up_out)
+        return F.dropout(hidden, self.hidden_dropout, self.training) if self.hidden_dropout else hidden
+
+    def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `expert` applied to rows x: [n, D] -> [n, D] (the reference path)."""
+        up_bias = None if self.up_bias is None else self.up_bias[expert]
+        down_bias = None if self.down_bias is None else self.down_bias[expert]
+        hidden = self.hidden(F.linear(x, self.up_proj[expert], up_bias))
+        return F.linear(hidden, self.down_proj[expert], down_bias)
+
+    def forward_grouped(self, x: torch.Tensor, expert_idx: torch.Tensor, offsets: torch.Tensor,
+                        counts: torch.Tensor) -> torch.Tensor:
+        """Rows x: [N, D] sorted by expert (expert_idx: [N]) -> [N, D], one grouped matmul each way."""
+        up_out = grouped_linear(x, self.up_proj, offsets, counts)
+        if self.up_bias is not None:
+            up_out = up_out + self.up_bias[expert_idx]
+        out = grouped_linear(self.hidden(up_out), self.down_proj, offsets, counts)
+        if self.down_bias is not None:
+            out = out + self.down_bias[expert_idx]
+        return out
+
+    def extra_repr(self) -> str:
+        kind = "gated" if self.gated else "dense"
+        return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+                f"{kind} {self.activation_name}, bias={self.up_bias is not None}/{self.down_bias is not None}, "
+                f"hidden_dropout={self.hidden_dropout}")

@@ -1,0 +1,84 @@
+"""`MoE`: the module every converted FFN becomes (router + experts + routing + dispatch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import losses
+from .dispatch import dispatch
+from .experts import Experts
+from .router import Router
+from .routing import Routing, expert_choice_routing, top_k_routing
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """Per-layer routing settings (a subset of `UpcycleConfig`)."""
+
+    top_k: int = 2
+    routing: str = "top_k"
+    capacity_factor: float | None = None
+    normalize_weights: bool = True
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+
+
+class MoE(nn.Module):
+    """Mixture of Experts replacing one dense FFN: `.router` (d_model -> E, float32) and `.experts`.
+
+    Input [..., d_model] -> output [..., d_model]. After each forward the layer keeps, for
+    logging and for `upcycle_fx.aux_loss`: `last_aux_loss` (weighted load-balancing + z-loss,
+    with gradient), `last_expert_load` ([E] kept assignments per expert) and
+    `last_dropped` (assignments dropped by the capacity limit).
+    """
+
+    def __init__(self, router: Router, experts: Experts, settings: MoESettings, *,
+                 dispatch_impl: str = "grouped", source: str = "") -> None:
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.settings = settings
+        self.dispatch_impl = dispatch_impl
+        self.source = source  # where the dense FFN came from, for reports
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_expert_load: torch.Tensor | None = None
+        self.last_dropped: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        s = self.settings
+        if s.routing == "expert_choice":
+            capacity = 2.0 if s.capacity_factor is None else s.capacity_factor
+            return expert_choice_routing(logits, capacity)
+        return top_k_routing(logits, s.top_k, normalize=s.normalize_weights,
+                             capacity_factor=s.capacity_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        logits = self.router(tokens)
+        routing = self.route(logits)
+        out = dispatch(tokens, routing, self.experts, self.dispatch_impl)
+        self._record(logits, routing)
+        return out.reshape(x.shape)
+
+    def _record(self, logits: torch.Tensor, routing: Routing) -> None:
+        s = self.settings
+        aux = logits.new_zeros(())
+        if s.aux_loss_weight and s.routing == "top_k":
+            aux = aux + s.aux_loss_weight * losses.load_balancing_loss(routing)
+        if s.z_loss_weight:
+            aux = aux + s.z_loss_weight * losses.router_z_loss(logits)
+        self.last_aux_loss = aux
+        self.last_expert_load = routing.expert_load().detach()
+        self.last_dropped = (~routing.kept).sum().detach()
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return (f"routing={s.routing}, top_k={s.top_k}, capacity_factor={s.capacity_factor}, "
+                f"normalize_weights={s.normalize_weights}, source={self.source!r}")

@@ -1,0 +1,76 @@
+"""Routing: turn router logits into (token, expert, weight) assignments.
+
+Both routings produce the same `Routing` record, so one dispatch core serves them
+(`dispatch.py`). Shapes are static: dropped assignments keep their slot with weight 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Routing:
+    """Assignments of tokens to experts, one row per (token, expert) pair.
+
+    token_idx, expert_idx: [N] int64; weight: [N] float32 (0 for dropped assignments);
+    kept: [N] bool; probs: [T, E] float32 router probabilities (for the auxiliary losses).
+    """
+
+    token_idx: torch.Tensor
+    expert_idx: torch.Tensor
+    weight: torch.Tensor
+    kept: torch.Tensor
+    probs: torch.Tensor
+    num_experts: int
+
+    def expert_load(self) -> torch.Tensor:
+        """Kept assignments per expert, [E] int64."""
+        return torch.bincount(self.expert_idx[self.kept], minlength=self.num_experts)
+
+
+def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
+                  capacity_factor: float | None = None) -> Routing:
+    """Token choice: softmax over all experts, each token takes its k best.
+
+    With `normalize`, the k weights are renormalised to sum to 1 (function-preserving with
+    identical experts). With a `capacity_factor` C, each expert keeps at most ceil(C·T·k/E)
+    assignments, first choices before second choices, earlier tokens first (GShard priority);
+    the rest get weight 0 and the token's output falls back to the residual path.
+    """
+    num_tokens, num_experts = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)
+    weight, expert = torch.topk(probs, k, dim=-1)
+    if normalize:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    # k-major order: all first choices, then all second choices (capacity priority).
+    expert_idx = expert.t().reshape(-1)
+    weight = weight.t().reshape(-1)
+    token_idx = torch.arange(num_tokens, device=logits.device).repeat(k)
+    kept = torch.ones_like(expert_idx, dtype=torch.bool)
+    if capacity_factor is not None:
+        capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+        one_hot = torch.nn.functional.one_hot(expert_idx, num_experts)
+        position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
+        kept = position < capacity
+        weight = torch.where(kept, weight, torch.zeros_like(weight))
+    return Routing(token_idx, expert_idx, weight, kept, probs, num_experts)
+
+
+def expert_choice_routing(logits: torch.Tensor, capacity_factor: float) -> Routing:
+    """Expert choice (Zhou et al. 2022): each expert takes its top ceil(C·T/E) tokens.
+
+    Static shapes and perfect balance; a token may get zero or several experts. It looks at all
+    tokens of the batch at once, so it is not causal (mind autoregressive decoding).
+    """
+    num_tokens, num_experts = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)
+    capacity = min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens / num_experts)))
+    weight, token = torch.topk(probs.t(), capacity, dim=-1)  # [E, capacity]
+    expert_idx = torch.arange(num_experts, device=logits.device).repeat_interleave(capacity)
+    token_idx = token.reshape(-1)
+    kept = torch.ones_like(token_idx, dtype=torch.bool)
+    return Routing(token_idx, expert_idx, weight.reshape(-1), kept, probs, num_experts)

@@ -1,0 +1,105 @@
+"""Analysis pass: every FFN in the captured graphs, in execution order (nothing is changed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..capture import Capture, LeafPolicy, capture
+from ..patterns import PATTERNS, FFNSite, build_view
+from .blocks import block_position, common_path
+
+
+@dataclass(frozen=True)
+class MLPMatch:
+    """One FFN found in the model (what `upcycle_fx.find_mlps` reports).
+
+    kind: "dense" | "gated" | "fused_gated"; activation: e.g. "gelu_tanh", "silu", "relu2";
+    paths: modules owning the projections (gate, up, down order; one fused [gate|up] path for
+    fused_gated); style: "linear" | "conv1d" | "functional"; stack/block: the repeated-block
+    container (e.g. "model.layers") and the block's index in it, or None outside any stack.
+    """
+
+    index: int
+    kind: str
+    activation: str
+    d_model: int
+    d_ff: int
+    paths: tuple[str, ...]
+    style: str
+    bias: bool
+    stack: str | None
+    block: int | None
+    site: FFNSite = field(repr=False, compare=False)
+
+    @property
+    def path(self) -> str:
+        """The deepest module that holds the whole FFN."""
+        return common_path(self.paths)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.in_features * p.out_features + (p.out_features if p.bias else 0)
+                   for p in self.site.projections)
+
+    def describe(self) -> str:
+        where = f"{self.stack}[{self.block}]" if self.stack is not None else self.path or "<model>"
+        return (f"#{self.index} {where}: {self.kind} {self.activation} d_model={self.d_model} "
+                f"d_ff={self.d_ff} ({', '.join(self.paths)})")
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    """A candidate a pattern matched structurally but rejected, with the reason."""
+
+    pattern: str
+    region: str
+    reason: str
+    nodes: tuple[str, ...]
+
+
+class MLPList(list):
+    """`find_mlps` result: a list of MLPMatch, plus the diagnostics of the search."""
+
+    def __init__(self, matches=(), near_misses=(), capture_failures=(), capture_result=None):
+        super().__init__(matches)
+        self.near_misses: list[NearMiss] = list(near_misses)
+        self.capture_failures: list[tuple[str, str]] = list(capture_failures)
+        self.capture: Capture | None = capture_result
+
+
+def find_mlps(model: nn.Module, example_inputs: Any = None,
+              leaf_policy: LeafPolicy | None = None) -> MLPList:
+    """Capture `model` and run every registered pattern over each captured region."""
+    captured = capture(model, example_inputs, leaf_policy)
+    sites: list[FFNSite] = []
+    near: list[NearMiss] = []
+    for region in captured.regions:
+        view = build_view(region)
+        taken: set = set()
+        for pattern in PATTERNS:
+            for roles in pattern.find(view):
+                result = pattern.check(view, roles)
+                if not result:
+                    near.append(NearMiss(pattern.kind, region.prefix, result.reason, tuple(result.nodes)))
+                    continue
+                site = result.site
+                if site.members & taken:
+                    continue
+                taken |= site.members
+                sites.append(site)
+    region_rank = {id(r): i for i, r in enumerate(captured.regions)}
+    sites.sort(key=lambda s: (region_rank[id(s.region)], s.order))
+    matches = [_describe(model, i, site) for i, site in enumerate(sites)]
+    return MLPList(matches, near, captured.failures, captured)
+
+
+def _describe(model: nn.Module, index: int, site: FFNSite) -> MLPMatch:
+    paths = tuple(p.owner for p in site.projections)
+    stack, block = block_position(model, paths)
+    return MLPMatch(
+        index=index, kind=site.kind, activation=site.activation, d_model=site.d_model,
+        d_ff=site.d_ff, paths=paths, style=site.down.style,
+        bias=any(p.bias is not None for p in site.projections), stack=stack, block=block, site=site)

@@ -1,0 +1,33 @@
+"""Selection pass: which of the found FFNs become MoE layers."""
+
+from __future__ import annotations
+
+from ..config import PatternSpec
+from ..errors import NoMLPSelectedError, UpcycleConfigError
+from .find_mlps import MLPMatch
+
+
+def select_mlps(mlps: list[MLPMatch], pattern: PatternSpec) -> list[MLPMatch]:
+    """`"every_other_mlp"`: blocks 1, 3, 5, ... of each stack (encoder and decoder counted
+    apart), as in Komatsuzaki et al.; `"all"`; a list of indices in execution order; or a
+    callable `fn(MLPMatch) -> bool`."""
+    if pattern == "every_other_mlp":
+        chosen = [m for m in mlps if m.block is not None and m.block % 2 == 1]
+    elif pattern == "all":
+        chosen = list(mlps)
+    elif callable(pattern):
+        chosen = [m for m in mlps if pattern(m)]
+    else:
+        indices = list(pattern)
+        bad = [i for i in indices if i >= len(mlps)]
+        if bad:
+            raise UpcycleConfigError(f"pattern indices {bad} are out of range: the model has "
+                                     f"{len(mlps)} FFNs (0..{len(mlps) - 1}); see find_mlps(model).")
+        chosen = [mlps[i] for i in sorted(set(indices))]
+    if not chosen:
+        found = "; ".join(m.describe() for m in mlps[:6])
+        raise NoMLPSelectedError(
+            f"pattern={pattern!r} selected none of the {len(mlps)} FFNs found ({found}). "
+            "'every_other_mlp' takes blocks 1, 3, 5, ... of each stack of repeated blocks; "
+            "use pattern='all' or a list of indices for models without such stacks.")
+    return chosen

@@ -1,0 +1,170 @@
+"""Rewrite pass: each selected FFN becomes one `MoE`, swapped in by module path.
+
+The graph tells us *what* to replace; the swap happens on the module tree, so the result keeps
+the input's class and code (HF `generate()`, `.train()`/`.eval()`, functional dropout all keep
+working) and nothing is frozen at capture time (research/anchors-fx-and-style.md §1.10).
+
+Where to put the MoE: the outermost module whose call consumes exactly the FFN input and
+creates only FFN nodes (Llama's `mlp`, BERT's `intermediate`, T5's `DenseReluDense`). FFN
+modules after it on a straight chain (BERT's `output.dense`, GPT-2's `act`/`c_proj`, OPT's
+`activation_fn`/`fc2`) become `FoldedIntoMoE` identities.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from ..capture.leaves import is_projection_module
+from ..config import UpcycleConfig
+from ..errors import RewriteError
+from ..moe import MoE, MoESettings, Router
+from ..moe.experts import Experts, FFNWeights
+from ..patterns import FFNSite
+from .find_mlps import MLPMatch
+
+
+class FoldedIntoMoE(nn.Identity):
+    """Stands where a dense FFN module was; its work now happens in the MoE at `moe_path`."""
+
+    def __init__(self, moe_path: str, replaced: str) -> None:
+        super().__init__()
+        self.moe_path, self.replaced = moe_path, replaced
+
+    def extra_repr(self) -> str:
+        return f"was {self.replaced}, now inside {self.moe_path!r}"
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """Swap `host` for the MoE and every module in `folded` for an identity."""
+
+    host: str
+    folded: tuple[str, ...]
+
+
+def plan_swap(match: MLPMatch) -> SwapPlan:
+    """The module that will hold the MoE, or a RewriteError saying why there is none."""
+    site = match.site
+    region = site.region
+    best: tuple[int, SwapPlan] | None = None
+    for span in region.spans:
+        path = region.absolute(span.path)
+        if span.inputs != [site.x] or len(span.outputs) != 1 or region.call_counts[path] != 1:
+            continue
+        created = [n for n in region.graph.nodes if span.created(n)]
+        if any(n not in site.members and n.users for n in created):
+            continue
+        folded = _straight_tail(span.outputs[0], site, region)
+        if folded is None:
+            continue
+        covered = set(created) | {n for n, _ in folded}
+        if not all(n in covered or n.op == "get_attr" for n in site.members):
+            continue
+        plan = SwapPlan(path, tuple(region.absolute(n.target) for n, _ in folded))
+        if best is None or len(created) > best[0]:
+            best = (len(created), plan)
+    if best is None:
+        raise RewriteError(
+            f"FFN #{match.index} at {match.path or '<model>'} ({', '.join(match.paths)}) is written "
+            f"inline with functional ops between its projections, so no module holds exactly this "
+            f"FFN; move it into its own nn.Module (or use activation/dropout modules) and retry.")
+    return best[1]
+
+
+def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node, nn.Module]] | None:
+    """Leaf modules from `start` to the FFN output on a single-user chain, or None."""
+    tail: list[tuple[fx.Node, nn.Module]] = []
+    node = start
+    while node is not site.y:
+        if node not in site.members or len(node.users) != 1:
+            return None
+        (node,) = node.users
+        if node.op != "call_module" or node.all_input_nodes != [node.args[0]] or node.kwargs:
+            return None
+        module = region.module(node.target)
+        if region.call_counts[region.absolute(node.target)] != 1:
+            return None
+        tail.append((node, module))
+    if any(is_projection_module(m) and n is not site.y for n, m in tail):
+        return None
+    return tail
+
+
+def dense_weights(site: FFNSite, model: nn.Module) -> FFNWeights:
+    """The FFN's weights read from `model`, in the nn.Linear layout, gate rows before up rows."""
+    up, up_bias = site.up.tensors(model)
+    down, down_bias = site.down.tensors(model)
+    if site.kind == "gated":
+        gate, gate_bias = site.gate.tensors(model)
+        if (gate_bias is None) != (up_bias is None):
+            gate_bias = torch.zeros(gate.shape[0], dtype=gate.dtype) if gate_bias is None else gate_bias
+            up_bias = torch.zeros(up.shape[0], dtype=up.dtype) if up_bias is None else up_bias
+        up = torch.cat([gate, up])
+        up_bias = None if up_bias is None else torch.cat([gate_bias, up_bias])
+    elif site.kind == "fused_gated" and site.gate_half == 1:
+        up = torch.cat(up.chunk(2)[::-1])
+        up_bias = None if up_bias is None else torch.cat(up_bias.chunk(2)[::-1])
+    return FFNWeights(up.detach(), None if up_bias is None else up_bias.detach(), down.detach(),
+                      None if down_bias is None else down_bias.detach(), gated=site.kind != "dense")
+
+
+def extract_activation(site: FFNSite) -> nn.Module:
+    """The FFN's own activation as a module: a copy of it, or its ops as a small GraphModule."""
+    nodes = site.activation_nodes
+    region = site.region
+    if len(nodes) == 1 and nodes[0].op == "call_module":
+        return copy.deepcopy(region.module(nodes[0].target))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    env: dict[fx.Node, fx.Node] = {}
+    modules: dict[str, nn.Module] = {}
+    for node in nodes:
+        env[node] = graph.node_copy(node, lambda a: env.get(a, x))
+        if node.op == "call_module":
+            modules[node.target] = copy.deepcopy(region.module(node.target))
+    graph.output(env[nodes[-1]])
+    return fx.GraphModule(modules, graph, class_name="Activation")
+
+
+def build_moe(match: MLPMatch, model: nn.Module, config: UpcycleConfig,
+              generator: torch.Generator | None) -> MoE:
+    site = match.site
+    weights = dense_weights(site, model)
+    experts = Experts.tile(weights, config.num_experts, activation=extract_activation(site),
+                           activation_name=site.activation, hidden_dropout=site.hidden_dropout,
+                           noise_std=config.expert_noise_std, generator=generator)
+    router = Router(site.d_model, config.num_experts, init_std=config.router_init_std,
+                    generator=generator, device=weights.up.device, dtype=weights.up.dtype)
+    settings = MoESettings(top_k=config.top_k, routing=config.routing,
+                           capacity_factor=config.effective_capacity_factor,
+                           normalize_weights=config.normalize_weights,
+                           aux_loss_weight=config.aux_loss_weight, z_loss_weight=config.z_loss_weight)
+    moe = MoE(router, experts, settings, source=match.path)
+    moe.mlp_index = match.index
+    return moe
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put `module` at `path` in `model`; returns the (possibly new) root."""
+    if not path:
+        return module
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, module)
+    return model
+
+
+def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleConfig) -> nn.Module:
+    """Swap each match for an MoE in `model` (which the caller has already copied if needed)."""
+    plans = [plan_swap(m) for m in matches]  # plan everything before touching the model
+    generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
+    moes = [build_moe(m, model, config, generator) for m in matches]
+    for plan, moe in zip(plans, moes):
+        for path in plan.folded:
+            replaced = type(model.get_submodule(path)).__name__
+            model = set_submodule(model, path, FoldedIntoMoE(plan.host, replaced))
+        model = set_submodule(model, plan.host, moe)
+    return model

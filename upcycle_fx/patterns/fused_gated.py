@@ -1,0 +1,62 @@
+"""Gated FFN with one fused [gate | up] projection split by chunk, split or slicing.
+
+Phi-3 (`gate_up_proj` + `chunk(2)`), sigmoid-gated models slicing `h[..., :f]` / `h[..., f:]`.
+"""
+
+from __future__ import annotations
+
+from .base import FFNPattern, FFNSite, MatchResult, part_of, projection
+from .registry import register_pattern
+from .vocabulary import Part
+
+
+@register_pattern
+class FusedGatedFFN(FFNPattern):
+    """Replaces `down(act(split(proj(x))[g]) * split(proj(x))[u])`."""
+
+    kind = "fused_gated"
+    roles = {"proj": "linear", "gate_part": "part", "up_part": "part", "act": "act", "mul": "mul",
+             "down": "linear"}
+    edges = (("proj", "gate_part"), ("proj", "up_part"), ("gate_part", "act"), ("act", "mul"),
+             ("up_part", "mul"), ("mul", "down"))
+    before_activation = (("gate_part", "act"), ("up_part", "mul"))
+    after_activation = (("act", "mul"), ("mul", "down"))
+
+    def assemble(self, view, roles) -> MatchResult:
+        proj, down = projection(view, roles["proj"]), projection(view, roles["down"])
+        d_model, d_ff = down.out_features, down.in_features
+        if (proj.in_features, proj.out_features) != (d_model, 2 * d_ff):
+            return MatchResult.fail(f"fused projection {proj.in_features}->{proj.out_features} is not "
+                                    f"{d_model}->2x{d_ff}", proj.node, down.node)
+        gate = _half(view, roles["gate_part"], roles["proj"], d_ff)
+        up = _half(view, roles["up_part"], roles["proj"], d_ff)
+        if gate is None or up is None or {gate, up} != {0, 1}:
+            return MatchResult.fail("the two parts are not the two halves of the fused projection",
+                                    roles["gate_part"], roles["up_part"])
+        act = view.nodes[roles["act"]]
+        return MatchResult(FFNSite(
+            kind=self.kind, activation=act.activation, up=proj, down=down, gate=None, gate_half=gate,
+            x=proj.node.args[0], y=down.node, members=self.collect_members(view, roles),
+            activation_nodes=act.members, hidden_dropout=self.hidden_dropout(view, roles),
+            region=view.region))
+
+
+def _half(view, part_node, proj_node, d_ff: int) -> int | None:
+    """Which half (0 or 1) of the fused output a part takes, or None if it is not a half."""
+    part: Part = part_of(view, part_node)
+    if part.index is not None:
+        via = view.graph.edges[proj_node, part_node]["via"]
+        splitter = next((n for n in via if n.target in ("chunk", "split") or
+                         getattr(n.target, "__name__", "") in ("chunk", "split")), None)
+        if splitter is None or part.index not in (0, 1):
+            return None
+        count = splitter.kwargs.get("chunks", splitter.args[1] if len(splitter.args) > 1 else None)
+        size = splitter.kwargs.get("split_size_or_sections", count)
+        is_chunk = "chunk" in str(splitter.target)
+        return part.index if (is_chunk and count == 2) or (not is_chunk and size == d_ff) else None
+    start, stop = part.start or 0, part.stop
+    if start == 0 and stop == d_ff:
+        return 0
+    if start == d_ff and stop in (None, 2 * d_ff):
+        return 1
+    return None
