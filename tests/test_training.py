@@ -79,5 +79,5 @@ def test_training_lowers_the_loss(name):
         loss = loss_fn()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses

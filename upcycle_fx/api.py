@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .capture import LeafPolicy
+from .capture import LeafPolicy, resolve_inputs
 from .config import PatternSpec, UpcycleConfig
 from .errors import NoMLPFoundError
 from .passes import MLPList, MLPMatch, select_mlps, upcycle_matches
+from .passes.verify import preserves_function, verify_upcycled
 from .passes import find_mlps as _find_mlps
 from .report import count_parameters, moe_layers
 
@@ -26,7 +27,7 @@ class UpcycleResult:
     converted: list[MLPMatch]          # the ones that became MoE layers
     config: UpcycleConfig
     params_before: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    verified_error: float | None = None  # dense-vs-upcycled error on the example inputs
 
 
 def _leaf_policy(leaf_modules) -> LeafPolicy | None:
@@ -45,17 +46,25 @@ def find_mlps(model: nn.Module, example_inputs: Any = None, *, leaf_modules=()) 
 
 
 def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_inputs: Any = None,
-            inplace: bool = False, leaf_modules=()) -> UpcycleResult:
-    """Find, select and convert FFNs per `config`; returns the model and the record of it."""
+            inplace: bool = False, leaf_modules=(), verify: bool = True) -> UpcycleResult:
+    """Find, select and convert FFNs per `config`; returns the model and the record of it.
+
+    With `verify` (default), a function-preserving configuration and example inputs at hand
+    (yours, or a Hugging Face model's own), the upcycled model is run against the dense one and
+    a difference beyond rounding raises `RewriteError` instead of returning a wrong model.
+    """
     config = config or UpcycleConfig()
     mlps = find_mlps(model, example_inputs, leaf_modules=leaf_modules)
     if not mlps:
         raise NoMLPFoundError(_nothing_found(model, mlps))
     chosen = select_mlps(mlps, config.pattern)
     params_before = count_parameters(model)
+    inputs = resolve_inputs(model, example_inputs) if verify and preserves_function(config) else None
+    reference = copy.deepcopy(model) if inplace and inputs is not None else model
     target = model if inplace else copy.deepcopy(model)
     upcycled = upcycle_matches(target, chosen, config)
-    return UpcycleResult(upcycled, mlps, chosen, config, params_before)
+    error = None if inputs is None else verify_upcycled(reference, upcycled, inputs)
+    return UpcycleResult(upcycled, mlps, chosen, config, params_before, error)
 
 
 def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_experts: int = 8,
@@ -63,7 +72,7 @@ def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_e
             normalize_weights: bool = True, router_init_std: float = 0.02,
             expert_noise_std: float = 0.0, aux_loss_weight: float = 0.01,
             z_loss_weight: float = 0.0, example_inputs: Any = None, inplace: bool = False,
-            seed: int | None = None, leaf_modules=()) -> nn.Module:
+            seed: int | None = None, leaf_modules=(), verify: bool = True) -> nn.Module:
     """Turn the selected FFNs of `model` into `upcycle_fx.MoE` layers (see DESIGN §3).
 
     With `normalize_weights=True` (default) and no noise, the result computes exactly what
@@ -74,7 +83,7 @@ def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_e
                            router_init_std=router_init_std, expert_noise_std=expert_noise_std,
                            aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight, seed=seed)
     return upcycle(model, config, example_inputs=example_inputs, inplace=inplace,
-                   leaf_modules=leaf_modules).model
+                   leaf_modules=leaf_modules, verify=verify).model
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

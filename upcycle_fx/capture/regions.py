@@ -93,9 +93,16 @@ def trace_region(module: nn.Module, prefix: str, inputs: ModelInputs | None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = tracer.trace(root)
-    region = CapturedRegion(prefix, root, graph, tracer.spans, Counter(), tracer.specializations, inner)
+    spans = tracer.spans
+    if inputs is None:  # the root's own call is no call_module: give it a span too
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        output = next(n for n in graph.nodes if n.op == "output")
+        spans = [*spans, ModuleSpan("", placeholders, list(output.all_input_nodes),
+                                    len(placeholders), tracer.node_count)]
+    region = CapturedRegion(prefix, root, graph, spans, Counter(), tracer.specializations, inner)
     for path, count in tracer.call_counts.items():
         region.call_counts[region.absolute(path)] += count
+    region.call_counts[prefix] = max(region.call_counts[prefix], 1)
     return region
 
 
@@ -131,26 +138,32 @@ def _reason(error: Exception) -> str:
 
 def capture(model: nn.Module, example_inputs: Any = None,
             leaf_policy: LeafPolicy | None = None) -> Capture:
-    """Capture `model` as one graph, or as the smallest regions that trace."""
+    """Capture `model` as one graph, or (with inputs) as the smallest regions that trace.
+
+    Descending into regions needs inputs: the example forward shows which modules are really
+    called through their own `forward` (a parent may call a child's submodules directly, and
+    a region traced on its own would then describe code that never runs).
+    """
     inputs = resolve_inputs(model, example_inputs)
-    failures: list[tuple[str, str]] = []
     try:
         return Capture([trace_region(model, "", inputs, leaf_policy)])
     except Exception as error:  # noqa: BLE001 - any trace failure sends us one level down
-        failures.append(("", _reason(error)))
-    recorded = record_module_inputs(model, inputs) if inputs is not None else None
+        if inputs is None:
+            raise CaptureError(
+                f"{type(model).__name__}: torch.fx cannot trace it symbolically ({_reason(error)}); "
+                "pass example_inputs= (a tensor, tuple or dict for one forward call) so that "
+                "capture can follow the data, or mark the failing module with leaf_modules=.") from error
+        failures = [("", _reason(error))]
+    recorded = record_module_inputs(model, inputs)
     regions: list[CapturedRegion] = []
 
     def descend(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if not holds_projections(child):
-                continue
-            child_inputs = None if recorded is None else recorded.get(path)
-            if recorded is not None and child_inputs is None:
-                continue  # never called in the example forward
+            if not holds_projections(child) or path not in recorded:
+                continue  # cannot hold an FFN, or never called in the example forward
             try:
-                regions.append(trace_region(child, path, child_inputs, leaf_policy))
+                regions.append(trace_region(child, path, recorded[path], leaf_policy))
             except Exception as error:  # noqa: BLE001
                 failures.append((path, _reason(error)))
                 descend(child, path)
@@ -158,9 +171,7 @@ def capture(model: nn.Module, example_inputs: Any = None,
     descend(model, "")
     if not regions:
         where = "; ".join(f"{p or '<model>'}: {r}" for p, r in failures[:4])
-        hint = ("pass example_inputs= (a tensor, tuple or dict for one forward call) so that "
-                "capture can follow shapes" if inputs is None else
-                "mark the failing module as a leaf (leaf_modules=) or wrap the FFN in its own module")
         raise CaptureError(f"{type(model).__name__}: no region holding projection layers could be "
-                           f"captured with torch.fx ({where}); {hint}.")
+                           f"captured with torch.fx ({where}); mark the failing module as a leaf "
+                           "(leaf_modules=) or move the FFN into a module of its own.")
     return Capture(regions, failures)

@@ -135,6 +135,11 @@ class CaptureTracer(fx.Tracer):
         add_leaf_functions(self, functions, modules)
 
     # --- spans --------------------------------------------------------------------------
+    @property
+    def node_count(self) -> int:
+        """Nodes created so far (the `order` the next node will get)."""
+        return self._order
+
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         node.meta["order"] = self._order

@@ -25,14 +25,19 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "g
     raise ValueError(f"unknown dispatch implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
 
 
+def _accumulator(x: torch.Tensor) -> torch.Tensor:
+    """Outputs are summed in float32 at least (float64 stays float64)."""
+    return torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+
+
 def _dispatch_loop(x: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out = _accumulator(x)
     for expert in range(experts.num_experts):
         rows = (routing.expert_idx == expert).nonzero().squeeze(-1)
         if rows.numel() == 0:
             continue
         tokens = routing.token_idx[rows]
-        y = experts.forward_expert(expert, x[tokens]).float()
+        y = experts.forward_expert(expert, x[tokens]).to(out.dtype)
         out.index_add_(0, tokens, y * routing.weight[rows, None])
     return out.to(x.dtype)
 
@@ -44,6 +49,6 @@ def _dispatch_grouped(x: torch.Tensor, routing: Routing, experts: Experts) -> to
     counts = torch.bincount(expert_sorted, minlength=experts.num_experts)
     offsets = counts.cumsum(0).to(torch.int32)
     y = experts.forward_grouped(x[token_sorted], expert_sorted, offsets, counts)
-    weighted = y.float() * routing.weight[order, None]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out = _accumulator(x)
+    weighted = y.to(out.dtype) * routing.weight[order, None]
     return out.index_add_(0, token_sorted, weighted).to(x.dtype)

@@ -11,15 +11,15 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `torch.nn.functional.grouped_mm` takes these operands.
 
-    CPU: float32 / bfloat16 / float16. CUDA: bfloat16 with every dimension a multiple of 8
-    (the kernel's alignment rule); other CUDA dtypes use the per-expert path.
+    Both need the inner and outer sizes aligned to 16 bytes (forward and backward). CPU: float32
+    / bfloat16 / float16. CUDA: bfloat16 only; other CUDA dtypes use the per-expert path.
     """
     if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype:
         return False
+    aligned = all(size * x.element_size() % 16 == 0 for size in weight.shape[1:])
     if x.device.type == "cpu":
-        return x.dtype in _GROUPED_MM_DTYPES
+        return x.dtype in _GROUPED_MM_DTYPES and aligned
     if x.device.type == "cuda":
-        aligned = all(size % 8 == 0 for size in weight.shape[1:])
         return x.dtype == torch.bfloat16 and aligned
     return False
 

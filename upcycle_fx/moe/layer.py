@@ -67,6 +67,10 @@ class MoE(nn.Module):
         self._record(logits, routing)
         return out.reshape(x.shape)
 
+    def reset_stats(self) -> None:
+        """Forget the last forward's losses and loads."""
+        self.last_aux_loss = self.last_expert_load = self.last_dropped = None
+
     def _record(self, logits: torch.Tensor, routing: Routing) -> None:
         s = self.settings
         aux = logits.new_zeros(())
