@@ -111,12 +111,21 @@ def test_example_inputs_make_it_capturable():
     assert any("bool(" in s for s in found.capture.regions[0].specializations)
 
 
-class InlineFunctional(nn.Module):
-    """The FFN is inline in the block and its activation is a function call."""
+class ModeDependentInline(nn.Module):
+    """An inline FFN in a block whose forward branches on self.training (not just dropout)."""
 
     def __init__(self, d=8, f=16):
         super().__init__()
-        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, f), nn.Linear(f, d)
+        self.up, self.down = nn.Linear(d, f), nn.Linear(f, d)
 
     def forward(self, x):
-        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+        if self.training:
+            x = x * 0.5
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def test_inline_ffn_in_mode_dependent_code_is_refused():
+    """Splicing would freeze `if self.training:`: RewriteError naming the module."""
+    model = nn.Sequential(*[ModeDependentInline() for _ in range(2)]).eval()
+    with pytest.raises(RewriteError, match=r"^1: its forward depends on self.training"):
+        upcycle_fx.rewrite(model)

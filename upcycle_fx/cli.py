@@ -18,6 +18,7 @@ from rich.table import Table
 from . import api
 from .config import UpcycleConfig
 from .errors import UpcycleError
+from .passes import select_mlps
 from .report import UpcycleReport, active_parameters, count_parameters, first_tensor, relative_error
 from .sources import ModelSourceError, load_pretrained
 
@@ -58,7 +59,11 @@ def cmd_inspect(args) -> int:
         loaded = load_pretrained(args.model)
     with step("capturing and matching FFNs"):
         mlps = api.find_mlps(loaded.model)
-    console.print(_mlp_table(mlps))
+    try:
+        selected = select_mlps(mlps, _parse_pattern(args.pattern)) if mlps else []
+    except UpcycleError:
+        selected = []
+    console.print(_mlp_table(mlps, selected))
     for path, reason in mlps.capture_failures:
         console.print(f"[yellow]not captured[/] {path or '<model>'}: {reason}")
     return 0
@@ -99,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="list the FFNs found (dry run)")
     inspect.add_argument("model", nargs="?", help="local HF model directory (default: all-MiniLM-L6-v2)")
+    inspect.add_argument("--pattern", default="every_other_mlp",
+                         help="mark what this pattern would convert (every_other_mlp | all | 1,3,5)")
     inspect.set_defaults(run=cmd_inspect)
     rewrite = sub.add_parser("rewrite", help="convert FFNs to MoE and report")
     rewrite.add_argument("model", nargs="?", help="local HF model directory (default: all-MiniLM-L6-v2)")

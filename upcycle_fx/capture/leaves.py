@@ -42,10 +42,13 @@ class LeafPolicy:
     opaque_pattern: re.Pattern = field(default=_OPAQUE)
 
     def is_leaf(self, module: nn.Module, qualname: str) -> bool:
+        from ..moe import MoE
+
         if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
         return (
-            is_projection_module(module)
+            isinstance(module, MoE)
+            or is_projection_module(module)
             or is_activation_module(module)
             or isinstance(module, (nn.Dropout, nn.Identity))
             or isinstance(module, self.leaf_classes)

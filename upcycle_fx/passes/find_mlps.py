@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..capture import Capture, LeafPolicy, capture
+from ..capture import Capture, CapturedRegion, LeafPolicy, capture
 from ..patterns import PATTERNS, FFNSite, build_view
 from .blocks import block_position, common_path
 
@@ -77,23 +77,30 @@ def find_mlps(model: nn.Module, example_inputs: Any = None,
     sites: list[FFNSite] = []
     near: list[NearMiss] = []
     for region in captured.regions:
-        view = build_view(region)
-        taken: set = set()
-        for pattern in PATTERNS:
-            for roles in pattern.find(view):
-                result = pattern.check(view, roles)
-                if not result:
-                    near.append(NearMiss(pattern.kind, region.prefix, result.reason, tuple(result.nodes)))
-                    continue
-                site = result.site
-                if site.members & taken:
-                    continue
-                taken |= site.members
-                sites.append(site)
+        found, missed = match_region(region)
+        sites += found
+        near += missed
     region_rank = {id(r): i for i, r in enumerate(captured.regions)}
     sites.sort(key=lambda s: (region_rank[id(s.region)], s.order))
     matches = [_describe(model, i, site) for i, site in enumerate(sites)]
     return MLPList(matches, near, captured.failures, captured)
+
+
+def match_region(region: CapturedRegion) -> tuple[list[FFNSite], list[NearMiss]]:
+    """Run every registered pattern over one captured region; overlapping matches lose."""
+    view = build_view(region)
+    sites: list[FFNSite] = []
+    near: list[NearMiss] = []
+    taken: set = set()
+    for pattern in PATTERNS:
+        for roles in pattern.find(view):
+            result = pattern.check(view, roles)
+            if not result:
+                near.append(NearMiss(pattern.kind, region.prefix, result.reason, tuple(result.nodes)))
+            elif not result.site.members & taken:
+                taken |= result.site.members
+                sites.append(result.site)
+    return sites, near
 
 
 def _describe(model: nn.Module, index: int, site: FFNSite) -> MLPMatch:

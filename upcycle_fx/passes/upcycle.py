@@ -20,11 +20,11 @@ from torch import fx, nn
 
 from ..capture.leaves import is_projection_module
 from ..config import UpcycleConfig
-from ..errors import RewriteError
 from ..moe import MoE, MoESettings, Router
 from ..moe.experts import Experts, FFNWeights
 from ..patterns import FFNSite
 from .find_mlps import MLPMatch
+from .splice import SplicePlan, enclosing_module, splice
 
 
 class FoldedIntoMoE(nn.Identity):
@@ -46,8 +46,8 @@ class SwapPlan:
     folded: tuple[str, ...]
 
 
-def plan_swap(match: MLPMatch) -> SwapPlan:
-    """The module that will hold the MoE, or a RewriteError saying why there is none."""
+def plan_swap(match: MLPMatch) -> SwapPlan | None:
+    """The module that will hold the MoE, or None if no module holds exactly this FFN."""
     site = match.site
     region = site.region
     best: tuple[int, SwapPlan] | None = None
@@ -67,12 +67,7 @@ def plan_swap(match: MLPMatch) -> SwapPlan:
         plan = SwapPlan(path, tuple(region.absolute(n.target) for n, _ in folded))
         if best is None or len(created) > best[0]:
             best = (len(created), plan)
-    if best is None:
-        raise RewriteError(
-            f"FFN #{match.index} at {match.path or '<model>'} ({', '.join(match.paths)}) is written "
-            f"inline with functional ops between its projections, so no module holds exactly this "
-            f"FFN; move it into its own nn.Module (or use activation/dropout modules) and retry.")
-    return best[1]
+    return None if best is None else best[1]
 
 
 def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node, nn.Module]] | None:
@@ -158,13 +153,26 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
 
 
 def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleConfig) -> nn.Module:
-    """Swap each match for an MoE in `model` (which the caller has already copied if needed)."""
-    plans = [plan_swap(m) for m in matches]  # plan everything before touching the model
+    """Swap each match for an MoE in `model` (which the caller has already copied if needed).
+
+    Module swaps first; FFNs that no module holds alone are spliced into a re-traced graph of
+    their enclosing module afterwards (which then sees the new MoE modules as leaves).
+    """
+    swaps = {m.index: plan_swap(m) for m in matches}  # plan everything before touching the model
+    splices: dict[str, list[MLPMatch]] = {}
+    for m in matches:
+        if swaps[m.index] is None:
+            splices.setdefault(enclosing_module(m), []).append(m)
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
-    moes = [build_moe(m, model, config, generator) for m in matches]
-    for plan, moe in zip(plans, moes):
+    moes = {m.index: build_moe(m, model, config, generator) for m in matches}
+    for m in matches:
+        plan = swaps[m.index]
+        if plan is None:
+            continue
         for path in plan.folded:
             replaced = type(model.get_submodule(path)).__name__
             model = set_submodule(model, path, FoldedIntoMoE(plan.host, replaced))
-        model = set_submodule(model, plan.host, moe)
+        model = set_submodule(model, plan.host, moes[m.index])
+    for path, group in splices.items():
+        model = splice(model, SplicePlan(path, tuple(group)), [moes[m.index] for m in group])
     return model

@@ -1,0 +1,97 @@
+"""FFNs written inline with functional ops are spliced into a re-traced graph of their block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import upcycle_fx
+
+
+class InlineBlock(nn.Module):
+    """Pre-norm block whose FFN is inline: functional GELU and functional dropouts."""
+
+    def __init__(self, d=16, f=40, hidden_dropout=0.0):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, f), nn.Linear(f, d)
+        self.hidden_dropout = hidden_dropout
+
+    def forward(self, x):
+        h = F.gelu(self.up(self.norm(x)), approximate="tanh")
+        h = F.dropout(h, self.hidden_dropout, self.training)
+        out = x + F.dropout(self.down(h), p=0.2, training=self.training)
+        return out + F.dropout(x, 0.1, False)  # a constant flag: must stay off in training
+
+
+class InlineGatedBlock(nn.Module):
+    """SwiGLU written inline in the block, no MLP module."""
+
+    def __init__(self, d=16, f=24):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False), nn.Linear(d, f, bias=False)
+
+    def forward(self, x):
+        return x + self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def _stack(block, n=4):
+    torch.manual_seed(0)
+    return nn.Sequential(*[block() for _ in range(n)]).eval()
+
+
+def test_inline_dense_ffn_is_spliced_and_exact():
+    """The block becomes a GraphModule calling the MoE; outputs equal the dense model's."""
+    dense = _stack(InlineBlock)
+    sparse = upcycle_fx.rewrite(dense, router_init_std=1.0)
+    assert isinstance(sparse[1], fx.GraphModule) and not isinstance(sparse[0], fx.GraphModule)
+    assert isinstance(sparse[1].moe_0, upcycle_fx.MoE)
+    assert type(sparse[1]).__name__ == "InlineBlock"
+    for shape in ((2, 5, 16), (7, 16)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_inline_gated_ffn_is_spliced_and_exact():
+    dense = _stack(InlineGatedBlock)
+    found = upcycle_fx.find_mlps(dense)
+    assert [m.kind for m in found] == ["gated"] * 4
+    sparse = upcycle_fx.rewrite(dense, "all", router_init_std=1.0)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-6)
+    assert len(upcycle_fx.moe_layers(sparse)) == 4
+
+
+def test_functional_dropout_still_follows_train_and_eval():
+    """`F.dropout(..., training=self.training)` keeps following the mode after the splice (same
+    random stream as the dense model when the FFN has no inner dropout), and a constant
+    `training=False` stays off."""
+    dense = _stack(InlineBlock)
+    sparse = upcycle_fx.rewrite(dense, router_init_std=1.0)
+    x = torch.randn(4, 16)
+    dense.train(), sparse.train()
+    torch.manual_seed(1)
+    reference = dense(x)
+    torch.manual_seed(1)
+    upcycled = sparse(x)
+    torch.testing.assert_close(upcycled, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(sparse(x), upcycled)  # dropout is really active in training
+    sparse.eval()
+    torch.testing.assert_close(sparse(x), sparse(x))
+    assert "training = False" in sparse[1].code  # the constant flag survived
+
+
+def test_inner_functional_dropout_moves_into_the_experts():
+    """Dropout between activation and down projection becomes the experts' hidden dropout."""
+    dense = _stack(lambda: InlineBlock(hidden_dropout=0.25))
+    sparse = upcycle_fx.rewrite(dense)
+    assert sparse[1].moe_0.experts.hidden_dropout == 0.25
+
+
+def test_spliced_model_trains():
+    """Gradients reach experts and router through the spliced graph."""
+    sparse = upcycle_fx.rewrite(_stack(InlineGatedBlock), seed=0).train()
+    loss = sparse(torch.randn(8, 16)).square().mean() + upcycle_fx.aux_loss(sparse)
+    loss.backward()
+    for _, moe in upcycle_fx.moe_layers(sparse):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in moe.parameters())

@@ -1,0 +1,135 @@
+"""Graph splice: the rewrite for FFNs that no module holds on its own.
+
+An FFN written inline with functional ops, `x + self.down(F.gelu(self.up(self.norm(x))))`,
+has no module to swap. Its enclosing module is then re-traced on its own and replaced by a
+GraphModule in which the FFN's nodes are one call to the MoE. Two things must not be frozen
+by the trace: functional dropout's `training` flag (the module is traced in train and in eval
+mode; a flag that differs becomes an `nn.Dropout` module, a constant stays a constant), and
+any other behaviour that depends on the mode (the two traces must otherwise be identical).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..capture.regions import trace_region
+from ..errors import RewriteError
+from ..moe import MoE
+from .find_mlps import MLPMatch, match_region
+
+_DROPOUTS = (F.dropout, torch.dropout)
+
+
+@dataclass(frozen=True)
+class SplicePlan:
+    """Replace the module at `path` by a re-traced graph holding `matches` as MoE calls."""
+
+    path: str
+    matches: tuple[MLPMatch, ...]
+
+
+def enclosing_module(match: MLPMatch) -> str:
+    """The innermost module, called once, whose call creates every node of the FFN."""
+    site, region = match.site, match.site.region
+    nodes = [n for n in site.members if n.op != "get_attr"]
+    best: tuple[int, str] | None = None
+    for span in region.spans:
+        path = region.absolute(span.path)
+        if region.call_counts[path] == 1 and all(span.created(n) for n in nodes):
+            size = span.end - span.first
+            if best is None or size < best[0]:
+                best = (size, path)
+    if best is None:
+        raise RewriteError(f"FFN #{match.index} ({', '.join(match.paths)}) is not inside any module "
+                           "called exactly once; it cannot be rewritten")
+    return best[1]
+
+
+def _training_flag(node: fx.Node) -> object:
+    if node.target is F.dropout:
+        return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
+
+
+def _signature(graph: fx.Graph) -> list[tuple]:
+    """The graph with dropout's training flags left out (to compare train and eval traces)."""
+    rows = []
+    for node in graph.nodes:
+        args, kwargs = node.args, dict(node.kwargs)
+        if node.target in _DROPOUTS:
+            kwargs.pop("training", None)
+            kwargs.pop("train", None)
+            args = args[:2]
+        rows.append((node.op, str(node.target), node.name, repr(args), repr(kwargs)))
+    return rows
+
+
+def _trace_both_modes(module: nn.Module, path: str):
+    mode = module.training
+    try:
+        regions = {flag: trace_region(module.train(flag), path, None) for flag in (True, False)}
+    except Exception as error:  # noqa: BLE001
+        raise RewriteError(f"{path}: the FFN inside is written inline, and the module that holds it "
+                           f"cannot be traced on its own ({type(error).__name__}: {error}); move the "
+                           "FFN into its own nn.Module") from error
+    finally:
+        module.train(mode)
+    if _signature(regions[True].graph) != _signature(regions[False].graph):
+        raise RewriteError(f"{path}: its forward depends on self.training beyond dropout, which a "
+                           "traced graph cannot keep; move the FFN into its own nn.Module")
+    return regions[True], regions[False]
+
+
+def splice(model: nn.Module, plan: SplicePlan, moes: list[MoE]) -> nn.Module:
+    """Replace `plan.path` in `model` by a GraphModule with the FFNs as MoE calls."""
+    from .upcycle import set_submodule
+
+    module = model.get_submodule(plan.path)
+    region, eval_region = _trace_both_modes(module, plan.path)
+    graph = region.graph
+    sites = {tuple(p.owner for p in s.projections): s for s in match_region(region)[0]}
+    for index, (match, moe) in enumerate(zip(plan.matches, moes)):
+        site = sites.get(match.paths)
+        if site is None:
+            raise RewriteError(f"{plan.path}: FFN #{match.index} was not found again when the module "
+                               "was traced on its own")
+        name = _free_name(module, f"moe_{index}")
+        module.add_module(name, moe)
+        with graph.inserting_before(site.y):
+            call = graph.call_module(name, (site.x,))
+        site.y.replace_all_uses_with(call)
+        for node in sorted(site.members, key=lambda n: n.meta["order"], reverse=True):
+            if not node.users:
+                graph.erase_node(node)
+    _dropouts_follow_mode(module, graph, eval_region.graph)
+    graph.lint()
+    spliced = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    spliced.train(module.training)
+    return set_submodule(model, plan.path, spliced)
+
+
+def _dropouts_follow_mode(module: nn.Module, graph: fx.Graph, eval_graph: fx.Graph) -> None:
+    """Functional dropouts whose flag was `self.training` become nn.Dropout modules."""
+    eval_flags = {n.name: _training_flag(n) for n in eval_graph.nodes if n.target in _DROPOUTS}
+    for node in list(graph.nodes):
+        if node.target not in _DROPOUTS or eval_flags.get(node.name) == _training_flag(node):
+            continue
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        name = _free_name(module, "dropout")
+        module.add_module(name, nn.Dropout(float(p)))
+        with graph.inserting_before(node):
+            replacement = graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+
+
+def _free_name(module: nn.Module, base: str) -> str:
+    name, i = base, 0
+    while hasattr(module, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
