@@ -58,20 +58,6 @@ class UpcycleConfig:
                 raise UpcycleConfigError(f"{name}={value!r} must be a number >= 0.")
         _check_pattern(self.pattern)
 
-    @property
-    def effective_capacity_factor(self) -> float | None:
-        """Expert choice always has a capacity (default 2.0, as in the paper); top-k may not."""
-        if self.routing == "expert_choice" and self.capacity_factor is None:
-            return 2.0
-        return self.capacity_factor
-
-    @property
-    def experts_per_token(self) -> float:
-        """Experts a token uses on average: k for top-k, C for expert choice."""
-        if self.routing == "expert_choice":
-            return min(float(self.effective_capacity_factor), float(self.num_experts))
-        return float(self.top_k)
-
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -19,16 +19,14 @@ def count_parameters(model: nn.Module) -> int:
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """[(qualified name, MoE), ...] in the execution order of the FFNs they replaced."""
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-    return sorted(found, key=lambda item: getattr(item[1], "mlp_index", 0))
+    return sorted(found, key=lambda item: item[1].mlp_index)
 
 
 def active_parameters(model: nn.Module) -> float:
     """Parameters one token uses: all, minus the experts it is not routed to."""
     total = count_parameters(model)
     for _, moe in moe_layers(model):
-        s = moe.settings
-        per_token = (min(s.capacity_factor or 2.0, moe.num_experts) if s.routing == "expert_choice"
-                     else s.top_k)
+        per_token = moe.settings.experts_per_token(moe.num_experts)
         total -= (moe.num_experts - per_token) * moe.experts.ffn_numel()
     return total
 

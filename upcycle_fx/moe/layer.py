@@ -11,7 +11,7 @@ from . import losses
 from .dispatch import dispatch
 from .experts import Experts
 from .router import Router
-from .routing import Routing, expert_choice_routing, top_k_routing
+from .routing import EXPERT_CHOICE_CAPACITY, Routing, expert_choice_routing, top_k_routing
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,19 @@ class MoESettings:
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
 
+    @property
+    def capacity(self) -> float | None:
+        """Capacity factor in force: expert choice always has one (default 2.0)."""
+        if self.routing == "expert_choice" and self.capacity_factor is None:
+            return EXPERT_CHOICE_CAPACITY
+        return self.capacity_factor
+
+    def experts_per_token(self, num_experts: int) -> float:
+        """Experts a token uses on average: k for top-k, C for expert choice."""
+        if self.routing == "expert_choice":
+            return min(self.capacity, float(num_experts))
+        return float(self.top_k)
+
 
 class MoE(nn.Module):
     """Mixture of Experts replacing one dense FFN: `.router` (d_model -> E, float32) and `.experts`.
@@ -36,13 +49,14 @@ class MoE(nn.Module):
     """
 
     def __init__(self, router: Router, experts: Experts, settings: MoESettings, *,
-                 dispatch_impl: str = "grouped", source: str = "") -> None:
+                 dispatch_impl: str = "grouped", source: str = "", mlp_index: int = 0) -> None:
         super().__init__()
         self.router = router
         self.experts = experts
         self.settings = settings
         self.dispatch_impl = dispatch_impl
-        self.source = source  # where the dense FFN came from, for reports
+        self.source = source        # where the dense FFN came from, for reports
+        self.mlp_index = mlp_index  # its index among the model's FFNs (execution order)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
         self.last_dropped: torch.Tensor | None = None
@@ -54,8 +68,7 @@ class MoE(nn.Module):
     def route(self, logits: torch.Tensor) -> Routing:
         s = self.settings
         if s.routing == "expert_choice":
-            capacity = 2.0 if s.capacity_factor is None else s.capacity_factor
-            return expert_choice_routing(logits, capacity)
+            return expert_choice_routing(logits, s.capacity)
         return top_k_routing(logits, s.top_k, normalize=s.normalize_weights,
                              capacity_factor=s.capacity_factor)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+EXPERT_CHOICE_CAPACITY = 2.0  # the paper's C for expert choice when none is given
+
 
 @dataclass
 class Routing:

@@ -135,12 +135,10 @@ def build_moe(match: MLPMatch, model: nn.Module, config: UpcycleConfig,
     router = Router(site.d_model, config.num_experts, init_std=config.router_init_std,
                     generator=generator, device=weights.up.device, dtype=weights.up.dtype)
     settings = MoESettings(top_k=config.top_k, routing=config.routing,
-                           capacity_factor=config.effective_capacity_factor,
+                           capacity_factor=config.capacity_factor,
                            normalize_weights=config.normalize_weights,
                            aux_loss_weight=config.aux_loss_weight, z_loss_weight=config.z_loss_weight)
-    moe = MoE(router, experts, settings, source=match.path)
-    moe.mlp_index = match.index
-    return moe
+    return MoE(router, experts, settings, source=match.path, mlp_index=match.index)
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:

@@ -36,8 +36,8 @@ class FFNSite:
     y: fx.Node                      # the FFN output (the down projection)
     members: set[fx.Node]           # every node of the FFN, y included, x excluded
     activation_nodes: list[fx.Node]
-    hidden_dropout: float
     region: CapturedRegion
+    hidden_dropout: float = 0.0     # set by FFNPattern.check
 
     @property
     def d_model(self) -> int:
@@ -115,8 +115,11 @@ class FFNPattern:
             failure = check(site)
             if failure is not None:
                 return failure
-        dropout = self._dropouts(view, roles)
-        return dropout if isinstance(dropout, MatchResult) else result
+        dropout = self._hidden_dropout(view, roles)
+        if isinstance(dropout, MatchResult):
+            return dropout
+        site.hidden_dropout = dropout
+        return result
 
     def collect_members(self, view: PatternView, roles: dict[str, fx.Node]) -> set[fx.Node]:
         members: set[fx.Node] = set()
@@ -131,7 +134,9 @@ class FFNPattern:
                 members.update(n for n in node.all_input_nodes if n.op == "get_attr")
         return members
 
-    def _dropouts(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult | float:
+    def _hidden_dropout(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult | float:
+        """The dropout probability between activation and down projection (dropouts in series
+        combine: keep = Π(1 - p)), or a failure for dropout before the activation."""
         keep = 1.0
         for edges, allowed in ((self.before_activation, False), (self.after_activation, True)):
             for a, b in edges:
@@ -142,10 +147,6 @@ class FFNPattern:
                                                 "which an expert cannot reproduce", node)
                     keep *= 1.0 - p
         return 1.0 - keep
-
-    def hidden_dropout(self, view: PatternView, roles: dict[str, fx.Node]) -> float:
-        value = self._dropouts(view, roles)
-        return value if isinstance(value, float) else 0.0
 
 
 def projection(view: PatternView, node: fx.Node) -> Projection:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .base import FFNPattern, FFNSite, MatchResult, part_of, projection
 from .registry import register_pattern
-from .vocabulary import Part
+from .vocabulary import Part, split_spec
 
 
 @register_pattern
@@ -37,8 +37,7 @@ class FusedGatedFFN(FFNPattern):
         return MatchResult(FFNSite(
             kind=self.kind, activation=act.activation, up=proj, down=down, gate=None, gate_half=gate,
             x=proj.node.args[0], y=down.node, members=self.collect_members(view, roles),
-            activation_nodes=act.members, hidden_dropout=self.hidden_dropout(view, roles),
-            region=view.region))
+            activation_nodes=act.members, region=view.region))
 
 
 def _half(view, part_node, proj_node, d_ff: int) -> int | None:
@@ -46,16 +45,11 @@ def _half(view, part_node, proj_node, d_ff: int) -> int | None:
     part: Part = part_of(view, part_node)
     if part.index is not None:
         via = view.graph.edges[proj_node, part_node]["via"]
-        splitter = next((n for n in via if n.target in ("chunk", "split") or
-                         getattr(n.target, "__name__", "") in ("chunk", "split")), None)
-        if splitter is None or part.index not in (0, 1):
-            return None
-        count = splitter.kwargs.get("chunks", splitter.args[1] if len(splitter.args) > 1 else None)
-        size = splitter.kwargs.get("split_size_or_sections", count)
-        is_chunk = "chunk" in str(splitter.target)
-        return part.index if (is_chunk and count == 2) or (not is_chunk and size == d_ff) else None
+        spec = next((split_spec(n) for n in via if split_spec(n) is not None), None)
+        halves = spec in (("chunk", 2), ("split", d_ff))
+        return part.index if halves and part.index in (0, 1) else None
     start, stop = part.start or 0, part.stop
-    if start == 0 and stop == d_ff:
+    if (start, stop) == (0, d_ff):
         return 0
     if start == d_ff and stop in (None, 2 * d_ff):
         return 1

@@ -32,5 +32,4 @@ class GatedFFN(FFNPattern):
         return MatchResult(FFNSite(
             kind=self.kind, activation=act.activation, up=up, down=down, gate=gate, gate_half=None,
             x=up.node.args[0], y=down.node, members=self.collect_members(view, roles),
-            activation_nodes=act.members, hidden_dropout=self.hidden_dropout(view, roles),
-            region=view.region))
+            activation_nodes=act.members, region=view.region))

@@ -38,7 +38,7 @@ _ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "sq
 _CHAINS = {("relu", "square"): "relu2"}
 
 _DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
-_SPLIT_METHODS = ("chunk", "split")
+_SPLITS = {"chunk": "chunks", "split": "split_size", torch.chunk: "chunks", torch.split: "split_size_or_sections"}
 _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 
 _registered_activations: dict[type, str] = {}
@@ -156,7 +156,7 @@ def classify(node: fx.Node, module_of: Callable[[str], nn.Module], absolute: Cal
             return NodeMeaning(MUL)
         if node.target is operator.getitem:
             return _part(node)
-        if node.target in (torch.chunk, torch.split) and _last_dim(node, 2):
+        if split_spec(node) is not None:
             return NodeMeaning(THROUGH)
         return NodeMeaning(OTHER)
     if node.op == "call_method":
@@ -166,26 +166,31 @@ def classify(node: fx.Node, module_of: Callable[[str], nn.Module], absolute: Cal
             return NodeMeaning(ELEM, op="square")
         if node.target == "mul" and len(node.all_input_nodes) == 2:
             return NodeMeaning(MUL)
-        if node.target in _SPLIT_METHODS and _last_dim(node, 1):
+        if split_spec(node) is not None:
             return NodeMeaning(THROUGH)
         return NodeMeaning(OTHER)
     return NodeMeaning(OTHER)
 
 
-def _last_dim(node: fx.Node, dim_position: int) -> bool:
-    """chunk(x, n, dim)/split(x, size, dim) along the last dimension."""
-    dim = node.kwargs.get("dim", node.args[dim_position] if len(node.args) > dim_position else 0)
-    if dim == -1:
-        return True
-    shadow = node.args[0].meta.get("shadow") if isinstance(node.args[0], fx.Node) else None
-    return isinstance(shadow, torch.Tensor) and dim == shadow.dim() - 1
+def split_spec(node: fx.Node) -> tuple[str, object] | None:
+    """("chunk", n) or ("split", size) for x.chunk(n, -1) / torch.split(x, size, -1) and the
+    like along the last dimension; None for anything else."""
+    if node.op not in ("call_method", "call_function") or node.target not in _SPLITS:
+        return None
+    kind = "chunk" if node.target in ("chunk", torch.chunk) else "split"
+    args = node.args
+    amount = node.kwargs.get(_SPLITS[node.target], args[1] if len(args) > 1 else None)
+    dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    shadow = args[0].meta.get("shadow") if isinstance(args[0], fx.Node) else None
+    last = dim == -1 or (isinstance(shadow, torch.Tensor) and dim == shadow.dim() - 1)
+    return (kind, amount) if last else None
 
 
 def _part(node: fx.Node) -> NodeMeaning:
     source, index = node.args
     if not isinstance(source, fx.Node):
         return NodeMeaning(OTHER)
-    if source.op in ("call_method", "call_function") and source.target in (*_SPLIT_METHODS, torch.chunk, torch.split):
+    if split_spec(source) is not None:
         return NodeMeaning(PART, part=Part(index=index)) if isinstance(index, int) else NodeMeaning(OTHER)
     last = _last_dim_slice(index, source)
     if last is not None:
