@@ -160,8 +160,11 @@ def capture(model: nn.Module, example_inputs: Any = None,
     def descend(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if not holds_projections(child) or path not in recorded:
-                continue  # cannot hold an FFN, or never called in the example forward
+            if not holds_projections(child):
+                continue  # cannot hold an FFN
+            if path not in recorded:  # never called itself (a ModuleList): look inside
+                descend(child, path)
+                continue
             try:
                 regions.append(trace_region(child, path, recorded[path], leaf_policy))
             except Exception as error:  # noqa: BLE001
