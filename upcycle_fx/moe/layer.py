@@ -16,7 +16,7 @@ from .routing import EXPERT_CHOICE_CAPACITY, Routing, expert_choice_routing, top
 
 @dataclass(frozen=True)
 class MoESettings:
-    """Per-layer routing settings (a subset of `UpcycleConfig`)."""
+    """Per-layer routing settings (a subset of `UpcycleConfig`, same field names)."""
 
     top_k: int = 2
     routing: str = "top_k"

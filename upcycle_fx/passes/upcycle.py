@@ -13,7 +13,7 @@ modules after it on a straight chain (BERT's `output.dense`, GPT-2's `act`/`c_pr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import fx, nn
@@ -134,10 +134,7 @@ def build_moe(match: MLPMatch, model: nn.Module, config: UpcycleConfig,
                            noise_std=config.expert_noise_std, generator=generator)
     router = Router(site.d_model, config.num_experts, init_std=config.router_init_std,
                     generator=generator, device=weights.up.device, dtype=weights.up.dtype)
-    settings = MoESettings(top_k=config.top_k, routing=config.routing,
-                           capacity_factor=config.capacity_factor,
-                           normalize_weights=config.normalize_weights,
-                           aux_loss_weight=config.aux_loss_weight, z_loss_weight=config.z_loss_weight)
+    settings = MoESettings(**{f.name: getattr(config, f.name) for f in fields(MoESettings)})
     return MoE(router, experts, settings, source=match.path, mlp_index=match.index)
 
 
