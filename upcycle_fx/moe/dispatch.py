@@ -1,9 +1,13 @@
 """The dispatch core shared by every routing: assignments in, combined expert outputs out.
 
-Two implementations of one contract, `out[t] = Σ_{(t, e, w)} w · expert_e(x[t])`:
-`loop` (a plain loop over experts: the test oracle) and `grouped` (stable sort of the
-assignments by expert, gather, grouped matmul, weighted scatter-add; no host sync where
-`grouped_mm` applies).
+One contract, `out[t] = Σ_{(t, e, w)} w · expert_e(x[t])`, three implementations:
+* `loop`: a plain loop over experts, the test oracle (syncs with the host; slow);
+* `grouped`: stable sort of the assignments by expert, gather, one grouped matmul per
+  projection (`grouped_mm` where it applies), weighted scatter-add; for dropless top-k;
+* `batched`: the static [E, C] slot table of capacity routings (expert choice, capped
+  top-k) as one batched matmul per projection; no sort, shapes fixed by T, E and C.
+`auto` picks `batched` when the routing has slots, else `grouped`. Neither fast path reads
+anything back to the host when `grouped_mm` applies (see `grouped.py`).
 """
 
 from __future__ import annotations
@@ -11,15 +15,22 @@ from __future__ import annotations
 import torch
 
 from .experts import Experts
-from .routing import Routing
+from .routing import Routing, expert_counts
 
-IMPLEMENTATIONS = ("grouped", "loop")
+IMPLEMENTATIONS = ("auto", "grouped", "batched", "loop")
 
 
-def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "grouped") -> torch.Tensor:
+def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "auto") -> torch.Tensor:
     """Combine the experts' outputs for tokens x: [T, D] according to `routing`."""
+    if impl == "auto":
+        impl = "batched" if routing.slots is not None else "grouped"
     if impl == "grouped":
         return _dispatch_grouped(x, routing, experts)
+    if impl == "batched":
+        if routing.slots is None:
+            raise ValueError("the 'batched' dispatch needs a capacity routing (expert choice, or "
+                             "top-k with capacity_factor); use 'grouped' for dropless top-k")
+        return _dispatch_batched(x, routing, experts)
     if impl == "loop":
         return _dispatch_loop(x, routing, experts)
     raise ValueError(f"unknown dispatch implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
@@ -28,6 +39,12 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "g
 def _accumulator(x: torch.Tensor) -> torch.Tensor:
     """Outputs are summed in float32 at least (float64 stays float64)."""
     return torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+
+
+def _combine(x: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[tokens[i]] += weight[i] · y[i], accumulated in float32, returned in x's dtype."""
+    out = _accumulator(x)
+    return out.index_add_(0, tokens, y.to(out.dtype) * weight[:, None]).to(x.dtype)
 
 
 def _dispatch_loop(x: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
@@ -46,9 +63,15 @@ def _dispatch_grouped(x: torch.Tensor, routing: Routing, experts: Experts) -> to
     order = torch.argsort(routing.expert_idx, stable=True)
     expert_sorted = routing.expert_idx[order]
     token_sorted = routing.token_idx[order]
-    counts = torch.bincount(expert_sorted, minlength=experts.num_experts)
+    counts = expert_counts(expert_sorted, experts.num_experts)
     offsets = counts.cumsum(0).to(torch.int32)
     y = experts.forward_grouped(x[token_sorted], expert_sorted, offsets, counts)
-    out = _accumulator(x)
-    weighted = y.to(out.dtype) * routing.weight[order, None]
-    return out.index_add_(0, token_sorted, weighted).to(x.dtype)
+    return _combine(x, token_sorted, y, routing.weight[order])
+
+
+def _dispatch_batched(x: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+    slots = routing.slots
+    num_experts, capacity = slots.token.shape
+    tokens = slots.token.reshape(-1)
+    y = experts.forward_batched(x[tokens].view(num_experts, capacity, -1))
+    return _combine(x, tokens, y.reshape(num_experts * capacity, -1), slots.weight.reshape(-1))

@@ -108,13 +108,31 @@ class Experts(nn.Module):
 
     def forward_grouped(self, x: torch.Tensor, expert_idx: torch.Tensor, offsets: torch.Tensor,
                         counts: torch.Tensor) -> torch.Tensor:
-        """Rows x: [N, D] sorted by expert (expert_idx: [N]) -> [N, D], one grouped matmul each way."""
+        """Rows x: [N, D] sorted by expert (expert_idx: [N]) -> [N, D], one grouped matmul each way.
+
+        Biases are added as `one_hot(expert) @ bias`, a skinny matmul, rather than a gather
+        `bias[expert]`: the gather's backward scatters N rows into E bias rows with atomics, which
+        serialise when few experts get many rows (8 experts: 4x slower backward at T=16k on an H100).
+        """
         up_out = grouped_linear(x, self.up_proj, offsets, counts)
+        membership = None
+        if self.up_bias is not None or self.down_bias is not None:
+            membership = F.one_hot(expert_idx, self.num_experts).to(x.dtype)
         if self.up_bias is not None:
-            up_out = up_out + self.up_bias[expert_idx]
+            up_out = up_out + membership @ self.up_bias
         out = grouped_linear(self.hidden(up_out), self.down_proj, offsets, counts)
         if self.down_bias is not None:
-            out = out + self.down_bias[expert_idx]
+            out = out + membership @ self.down_bias
+        return out
+
+    def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """Slots x: [E, C, D] (C rows for each expert) -> [E, C, D], one bmm each way."""
+        up_out = torch.bmm(x, self.up_proj.transpose(1, 2))
+        if self.up_bias is not None:
+            up_out = up_out + self.up_bias[:, None]
+        out = torch.bmm(self.hidden(up_out), self.down_proj.transpose(1, 2))
+        if self.down_bias is not None:
+            out = out + self.down_bias[:, None]
         return out
 
     def extra_repr(self) -> str:

@@ -49,7 +49,7 @@ class MoE(nn.Module):
     """
 
     def __init__(self, router: Router, experts: Experts, settings: MoESettings, *,
-                 dispatch_impl: str = "grouped", source: str = "", mlp_index: int = 0) -> None:
+                 dispatch_impl: str = "auto", source: str = "", mlp_index: int = 0) -> None:
         super().__init__()
         self.router = router
         self.experts = experts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .routing import Routing
+from .routing import Routing, expert_counts
 
 
 def load_balancing_loss(routing: Routing) -> torch.Tensor:
@@ -14,7 +14,7 @@ def load_balancing_loss(routing: Routing) -> torch.Tensor:
     P_e: mean router probability of expert e. Gradients flow through P_e.
     """
     num_experts = routing.num_experts
-    counts = torch.bincount(routing.expert_idx, minlength=num_experts).to(routing.probs.dtype)
+    counts = expert_counts(routing.expert_idx, num_experts).to(routing.probs.dtype)
     fraction = counts / routing.expert_idx.numel()
     return num_experts * torch.sum(fraction * routing.probs.mean(dim=0))
 

@@ -1,7 +1,10 @@
 """Routing: turn router logits into (token, expert, weight) assignments.
 
 Both routings produce the same `Routing` record, so one dispatch core serves them
-(`dispatch.py`). Shapes are static: dropped assignments keep their slot with weight 0.
+(`dispatch.py`). Nothing here synchronises with the host: every shape depends only on
+T, E, k and the capacity factor. Routings with a capacity (expert choice, capped top-k)
+also lay their assignments out in `Slots`: a static [E, C] table the dispatch can run as
+one batched matmul.
 """
 
 from __future__ import annotations
@@ -15,11 +18,21 @@ EXPERT_CHOICE_CAPACITY = 2.0  # the paper's C for expert choice when none is giv
 
 
 @dataclass
+class Slots:
+    """Capacity layout: slot c of expert e serves token `token[e, c]` with weight `weight[e, c]`.
+    Empty slots point at token 0 with weight 0."""
+
+    token: torch.Tensor   # [E, C] int64
+    weight: torch.Tensor  # [E, C] float32
+
+
+@dataclass
 class Routing:
     """Assignments of tokens to experts, one row per (token, expert) pair.
 
     token_idx, expert_idx: [N] int64; weight: [N] float32 (0 for dropped assignments);
-    kept: [N] bool; probs: [T, E] float32 router probabilities (for the auxiliary losses).
+    kept: [N] bool; probs: [T, E] float32 router probabilities (for the auxiliary losses);
+    slots: the same kept assignments as a static [E, C] table, for capacity routings.
     """
 
     token_idx: torch.Tensor
@@ -28,10 +41,20 @@ class Routing:
     kept: torch.Tensor
     probs: torch.Tensor
     num_experts: int
+    slots: Slots | None = None
 
     def expert_load(self) -> torch.Tensor:
-        """Kept assignments per expert, [E] int64."""
-        return torch.bincount(self.expert_idx[self.kept], minlength=self.num_experts)
+        """Kept assignments per expert, [E] int64 (no host sync)."""
+        return expert_counts(self.expert_idx, self.num_experts, self.kept.long())
+
+
+def expert_counts(expert_idx: torch.Tensor, num_experts: int,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Assignments per expert, on device and without a host sync (bincount's output size would
+    depend on the data, so it syncs on CUDA)."""
+    values = torch.ones_like(expert_idx) if weights is None else weights
+    return torch.zeros(num_experts, dtype=values.dtype, device=expert_idx.device).index_add_(
+        0, expert_idx, values)
 
 
 def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
@@ -53,13 +76,22 @@ def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
     weight = weight.t().reshape(-1)
     token_idx = torch.arange(num_tokens, device=logits.device).repeat(k)
     kept = torch.ones_like(expert_idx, dtype=torch.bool)
-    if capacity_factor is not None:
-        capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
-        one_hot = torch.nn.functional.one_hot(expert_idx, num_experts)
-        position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
-        kept = position < capacity
-        weight = torch.where(kept, weight, torch.zeros_like(weight))
-    return Routing(token_idx, expert_idx, weight, kept, probs, num_experts)
+    if capacity_factor is None:
+        return Routing(token_idx, expert_idx, weight, kept, probs, num_experts)
+    capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+    one_hot = torch.nn.functional.one_hot(expert_idx, num_experts)
+    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
+    kept = position < capacity
+    weight = torch.where(kept, weight, torch.zeros_like(weight))
+    # Kept assignments go to slot (expert, position); dropped ones to a spare slot cut off after.
+    slot = torch.where(kept, expert_idx * capacity + position, num_experts * capacity)
+    table_token = torch.zeros(num_experts * capacity + 1, dtype=torch.long, device=logits.device)
+    table_weight = torch.zeros(num_experts * capacity + 1, dtype=weight.dtype, device=logits.device)
+    table_token.scatter_(0, slot, token_idx)
+    table_weight.scatter_(0, slot, weight)
+    slots = Slots(table_token[:-1].view(num_experts, capacity),
+                  table_weight[:-1].view(num_experts, capacity))
+    return Routing(token_idx, expert_idx, weight, kept, probs, num_experts, slots)
 
 
 def expert_choice_routing(logits: torch.Tensor, capacity_factor: float) -> Routing:
@@ -75,4 +107,5 @@ def expert_choice_routing(logits: torch.Tensor, capacity_factor: float) -> Routi
     expert_idx = torch.arange(num_experts, device=logits.device).repeat_interleave(capacity)
     token_idx = token.reshape(-1)
     kept = torch.ones_like(token_idx, dtype=torch.bool)
-    return Routing(token_idx, expert_idx, weight.reshape(-1), kept, probs, num_experts)
+    slots = Slots(token, weight)
+    return Routing(token_idx, expert_idx, weight.reshape(-1), kept, probs, num_experts, slots)
