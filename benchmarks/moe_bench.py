@@ -363,6 +363,25 @@ def format_row(record: dict) -> str:
     return " ".join(parts)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table (ms; our TF/s, share of the dense bound, speed-up)."""
+    names = ("upcycle_fx", "hf_eager", "hf_batched_mm", "hf_grouped_mm", "all_masked", "dense_bound")
+    lines = ["| shape | T | mode | " + " | ".join(names) + " | ours TF/s | % of dense bound | x eager | decode floor (graph) |",
+             "|---|---:|---|" + "---:|" * (len(names) + 4)]
+    for r in rows:
+        cells = [f"{r[n]:.3f}" if r.get(n) else "-" for n in names]
+        ours_ms = r.get("upcycle_fx")
+        tflops = f"{r['flops'] / (ours_ms / 1e3) / 1e12:.0f}" if ours_ms else "-"
+        share = f"{100 * r['dense_bound'] / ours_ms:.0f}%" if ours_ms and r.get("dense_bound") else "-"
+        speedup = f"{r['hf_eager'] / ours_ms:.1f}" if ours_ms and r.get("hf_eager") else "-"
+        floor = "-"
+        if r.get("floor_ms") and r.get("upcycle_fx_graph"):
+            floor = f"{r['floor_ms']:.3f} ({r['upcycle_fx_graph']:.3f}: {r['upcycle_fx_graph'] / r['floor_ms']:.2f}x)"
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['mode']} | " + " | ".join(cells)
+                     + f" | {tflops} | {share} | {speedup} | {floor} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI)")
@@ -370,7 +389,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", nargs="*", type=int, help="subset of T values")
     parser.add_argument("--fwd-only", action="store_true")
     parser.add_argument("--out", type=Path, help="write the JSON results here")
+    parser.add_argument("--render", type=Path, help="print a results JSON as a Markdown table and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())["rows"]))
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
@@ -387,6 +410,7 @@ def main(argv=None) -> int:
     rows = bench(shapes, tokens, device, dtype, modes)
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(markdown(rows))
     return 0
 
 
