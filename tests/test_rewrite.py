@@ -172,3 +172,22 @@ def test_real_checkpoint_embeddings_are_unchanged():
     assert float(F.cosine_similarity(dense_emb, sparse_emb).min()) >= 0.99999
     assert float((dense_emb - sparse_emb).abs().max() / dense_emb.abs().max()) <= FUNCTION_TOLERANCE
     assert len(upcycle_fx.moe_layers(sparse)) == 3
+
+
+def test_random_expert_init_replaces_the_copies():
+    """expert_init='random': experts differ from the FFN and from each other, with the dense
+    matrices' scale; biases start at zero; the function is no longer the dense one."""
+    dense = build("gpt2")
+    sparse = upcycle_fx.rewrite(dense, expert_init="random", seed=0)
+    moe = upcycle_fx.moe_layers(sparse)[0][1]
+    dense_up = dense.transformer.h[1].mlp.c_fc.weight
+    up = moe.experts.up_proj.detach()
+    assert not torch.equal(up[0], up[1]) and not torch.allclose(up[0], dense_up.t())
+    assert abs(float(up.std()) / float(dense_up.std()) - 1) < 0.05
+    assert float(moe.experts.up_bias.abs().max()) == 0.0
+    assert max_error(dense, sparse.eval(), "gpt2") > 1e-2
+
+
+def test_unknown_expert_init_is_a_config_error():
+    with pytest.raises(upcycle_fx.UpcycleConfigError, match="expert_init='zeros'"):
+        upcycle_fx.rewrite(build("gpt2"), expert_init="zeros")

@@ -70,7 +70,7 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_in
 def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_experts: int = 8,
             top_k: int = 2, routing: str = "top_k", capacity_factor: float | None = None,
             normalize_weights: bool = True, router_init_std: float = 0.02,
-            expert_noise_std: float = 0.0, aux_loss_weight: float = 0.01,
+            expert_noise_std: float = 0.0, expert_init: str = "copy", aux_loss_weight: float = 0.01,
             z_loss_weight: float = 0.0, example_inputs: Any = None, inplace: bool = False,
             seed: int | None = None, leaf_modules=(), verify: bool = True) -> nn.Module:
     """Turn the selected FFNs of `model` into `upcycle_fx.MoE` layers (see DESIGN §3).
@@ -81,6 +81,7 @@ def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_e
     config = UpcycleConfig(pattern=pattern, num_experts=num_experts, top_k=top_k, routing=routing,
                            capacity_factor=capacity_factor, normalize_weights=normalize_weights,
                            router_init_std=router_init_std, expert_noise_std=expert_noise_std,
+                           expert_init=expert_init,
                            aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight, seed=seed)
     return upcycle(model, config, example_inputs=example_inputs, inplace=inplace,
                    leaf_modules=leaf_modules, verify=verify).model

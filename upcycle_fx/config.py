@@ -8,6 +8,7 @@ from typing import Callable, Sequence, Union
 from .errors import UpcycleConfigError
 
 ROUTINGS = ("top_k", "expert_choice")
+EXPERT_INITS = ("copy", "random")
 NAMED_PATTERNS = ("every_other_mlp", "all")
 
 PatternSpec = Union[str, Sequence[int], Callable[..., bool]]
@@ -20,6 +21,8 @@ class UpcycleConfig:
     `normalize_weights=True` renormalises the chosen experts' weights to sum to 1: with plain
     copies (no noise) the upcycled model then computes exactly the dense function. False keeps
     softmax-then-top-k weights (NVIDIA's recipe), which scales each FFN output by the routed mass.
+    `expert_init="random"` re-initialises every expert instead of copying the FFN (the paper's
+    ablation: each weight matrix drawn N(0, σ²) with σ the dense matrix's own std, biases zero).
     """
 
     pattern: PatternSpec = "every_other_mlp"
@@ -30,6 +33,7 @@ class UpcycleConfig:
     normalize_weights: bool = True
     router_init_std: float = 0.02
     expert_noise_std: float = 0.0
+    expert_init: str = "copy"
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     seed: int | None = None
@@ -47,6 +51,9 @@ class UpcycleConfig:
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}: each token can only "
                 f"pick among {self.num_experts} experts; lower top_k or raise num_experts."
             )
+        if self.expert_init not in EXPERT_INITS:
+            raise UpcycleConfigError(f"expert_init={self.expert_init!r} is unknown; choose one of "
+                                     f"{EXPERT_INITS} ('copy' is sparse upcycling).")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise UpcycleConfigError(
                 f"capacity_factor={self.capacity_factor} must be > 0 (or None for dropless "

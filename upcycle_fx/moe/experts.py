@@ -83,6 +83,18 @@ class Experts(nn.Module):
                     stacked.add_(noise.mul_(noise_std).to(stacked))
         return experts
 
+    def reinitialize(self, generator: torch.Generator | None = None) -> None:
+        """Random experts (the paper's 'from scratch' ablation): every stacked weight matrix drawn
+        N(0, σ²) with σ its current std, biases zeroed."""
+        with torch.no_grad():
+            for stacked in (self.up_proj, self.down_proj):
+                std = float(stacked.float().std())
+                noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+                stacked.copy_(noise.mul_(std).to(stacked))
+            for bias in (self.up_bias, self.down_bias):
+                if bias is not None:
+                    bias.zero_()
+
     def ffn_numel(self) -> int:
         """Parameters of one expert (= of the dense FFN it was copied from)."""
         return sum(p.numel() for p in self._stacked()) // self.num_experts

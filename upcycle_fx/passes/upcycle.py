@@ -132,6 +132,8 @@ def build_moe(match: MLPMatch, model: nn.Module, config: UpcycleConfig,
     experts = Experts.tile(weights, config.num_experts, activation=extract_activation(site),
                            activation_name=site.activation, hidden_dropout=site.hidden_dropout,
                            noise_std=config.expert_noise_std, generator=generator)
+    if config.expert_init == "random":
+        experts.reinitialize(generator)
     router = Router(site.d_model, config.num_experts, init_std=config.router_init_std,
                     generator=generator, device=weights.up.device, dtype=weights.up.dtype)
     settings = MoESettings(**{f.name: getattr(config, f.name) for f in fields(MoESettings)})

@@ -23,7 +23,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 5e-2, tor
 
 def preserves_function(config: UpcycleConfig) -> bool:
     return (config.routing == "top_k" and config.normalize_weights
-            and config.expert_noise_std == 0 and config.capacity_factor is None)
+            and config.expert_noise_std == 0 and config.capacity_factor is None
+            and config.expert_init == "copy")
 
 
 @contextlib.contextmanager
