@@ -96,8 +96,8 @@ def dense_weights(site: FFNSite, model: nn.Module) -> FFNWeights:
     if site.kind == "gated":
         gate, gate_bias = site.gate.tensors(model)
         if (gate_bias is None) != (up_bias is None):
-            gate_bias = torch.zeros(gate.shape[0], dtype=gate.dtype) if gate_bias is None else gate_bias
-            up_bias = torch.zeros(up.shape[0], dtype=up.dtype) if up_bias is None else up_bias
+            gate_bias = gate.new_zeros(gate.shape[0]) if gate_bias is None else gate_bias
+            up_bias = up.new_zeros(up.shape[0]) if up_bias is None else up_bias
         up = torch.cat([gate, up])
         up_bias = None if up_bias is None else torch.cat([gate_bias, up_bias])
     elif site.kind == "fused_gated" and site.gate_half == 1:
