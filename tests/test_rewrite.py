@@ -183,7 +183,7 @@ def test_random_expert_init_replaces_the_copies():
     dense_up = dense.transformer.h[1].mlp.c_fc.weight
     up = moe.experts.up_proj.detach()
     assert not torch.equal(up[0], up[1]) and not torch.allclose(up[0], dense_up.t())
-    assert abs(float(up.std()) / float(dense_up.std()) - 1) < 0.05
+    assert abs(float(up.std()) / float(dense_up.detach().std()) - 1) < 0.05
     assert float(moe.experts.up_bias.abs().max()) == 0.0
     assert max_error(dense, sparse.eval(), "gpt2") > 1e-2
 
@@ -191,3 +191,15 @@ def test_random_expert_init_replaces_the_copies():
 def test_unknown_expert_init_is_a_config_error():
     with pytest.raises(upcycle_fx.UpcycleConfigError, match="expert_init='zeros'"):
         upcycle_fx.rewrite(build("gpt2"), expert_init="zeros")
+
+
+@pytest.mark.parametrize("name", ["t5", "timm-vit", "bert"])
+def test_new_layers_keep_the_mode_of_what_they_replace(name):
+    """Rewriting an eval-mode model gives eval-mode MoE layers: deterministic outputs equal to the
+    dense model without calling .eval() again (T5 has dropout inside its FFN)."""
+    dense = build(name)
+    sparse = upcycle_fx.rewrite(dense, router_init_std=1.0)
+    assert not any(m.training for m in sparse.modules())
+    assert max_error(dense, sparse, name) <= FUNCTION_TOLERANCE
+    dense.train()
+    assert all(m.training for _, m in upcycle_fx.moe_layers(upcycle_fx.rewrite(dense)))

@@ -167,9 +167,11 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
         if plan is None:
             continue
         for path in plan.folded:
-            replaced = type(model.get_submodule(path)).__name__
-            model = set_submodule(model, path, FoldedIntoMoE(plan.host, replaced))
-        model = set_submodule(model, plan.host, moes[m.index])
+            replaced = model.get_submodule(path)
+            folded = FoldedIntoMoE(plan.host, type(replaced).__name__).train(replaced.training)
+            model = set_submodule(model, path, folded)
+        moe = moes[m.index].train(model.get_submodule(plan.host).training)  # keep the mode it replaces
+        model = set_submodule(model, plan.host, moe)
     for path, group in splices.items():
         model = splice(model, SplicePlan(path, tuple(group)), [moes[m.index] for m in group])
     return model
