@@ -11,6 +11,11 @@ from .moe import MoE
 from .passes import FoldedIntoMoE, MLPMatch
 from .patterns import register_activation
 from .report import moe_layers
+from .exporters.checkpoint import load, save
+from .exporters.errors import (CheckpointError, CheckpointMismatchError, HFFormatError,
+                               MissingShardError, OutputExistsError, TruncatedShardError)
+from .exporters.streaming import ConversionReport, convert_checkpoint
+from .exporters.onnx import OnnxExportError, export_onnx
 
 __version__ = "0.1.0"
 
@@ -18,4 +23,7 @@ __all__ = [
     "rewrite", "upcycle", "find_mlps", "moe_layers", "aux_loss", "UpcycleConfig", "UpcycleResult",
     "MoE", "MLPMatch", "FoldedIntoMoE", "register_activation", "UpcycleError", "UpcycleConfigError",
     "CaptureError", "NoMLPFoundError", "NoMLPSelectedError", "RewriteError", "__version__",
+    "save", "load", "convert_checkpoint", "ConversionReport", "CheckpointError",
+    "CheckpointMismatchError", "HFFormatError", "MissingShardError", "OutputExistsError",
+    "TruncatedShardError", "export_onnx", "OnnxExportError",
 ]

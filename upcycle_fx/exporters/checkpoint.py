@@ -1,0 +1,124 @@
+"""Native checkpoints: `upcycle_fx.save(model, dir)` and `upcycle_fx.load(dir, skeleton)`.
+
+A native checkpoint is safetensors weights (every parameter and buffer, tied ones once) plus
+`upcycle_fx.json` (see `manifest.py`). It round-trips any upcycled model bit for bit: a Hugging
+Face model comes back from its recorded config alone (built on the meta device, so nothing is
+initialised twice), any other model from its dense skeleton (the model before the rewrite,
+built by your own code; its weights are not used).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .manifest import Manifest, describe, read_manifest, rebuild, write_manifest
+from .pipeline import ModelSource, Unit, units_of, write_checkpoint
+from .shards import CheckpointReader, Progress, parse_size
+from .state import TensorTable, assign_state, storable, tensor_table
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
+
+
+class NativeFormat:
+    """Stores the upcycled model's tensors under their own names, with the manifest."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+    def convert(self, unit: Unit, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return storable(tensors)
+
+    def write_files(self, directory: Path) -> None:
+        write_manifest(self.manifest, directory)
+
+    def check(self, directory: Path) -> None:
+        pass
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, format: str = "native",
+         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+         progress: Progress | None = None, hf_target: str = "auto", verify: bool = True) -> Path:
+    """Write an upcycled `model` to `directory` (created; an existing model there is an
+    `OutputExistsError` unless `overwrite`).
+
+    format="native": safetensors + `upcycle_fx.json`, read back by `upcycle_fx.load`.
+    format="hf": a stock transformers MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE; see
+    `hf_moe.py`) that `AutoModelForCausalLM.from_pretrained(directory)` loads; with `verify`
+    it is loaded back and its logits compared before the directory appears.
+    The model is only read.
+    """
+    max_bytes = parse_size(max_shard_size)
+    table = tensor_table(model)
+    _refuse_meta(table)
+    units = units_of(model, table)
+    if format == "native":
+        fmt = NativeFormat(describe(model, table))
+    elif format == "hf":
+        from .hf_moe import HFFormat
+
+        fmt = HFFormat(model, table, target=hf_target, reference=model if verify else None,
+                       generation_config=getattr(model, "generation_config", None))
+    else:
+        raise CheckpointError(f"format={format!r} is unknown; use 'native' or 'hf'.")
+    return write_checkpoint(directory, units, ModelSource(table), fmt, max_shard_bytes=max_bytes,
+                            overwrite=overwrite, progress=progress).path
+
+
+def _refuse_meta(table: TensorTable) -> None:
+    meta = [name for name, t in table.tensors.items() if t.device.type == "meta"]
+    if meta:
+        raise CheckpointError(f"{len(meta)} tensor(s) have no data (meta device), e.g. {meta[0]}; "
+                              "load or initialise the model's weights before saving it.")
+
+
+def load(directory: str | os.PathLike, skeleton: nn.Module | None = None, *,
+         example_inputs: Any = None, leaf_modules=()) -> nn.Module:
+    """The model saved in `directory` by `upcycle_fx.save`, bit-identical to it.
+
+    `skeleton`: the dense model the checkpoint was converted from (its class and structure
+    matter, its weights are ignored and it is not modified). Not needed for Hugging Face models:
+    they are rebuilt from the recorded config. `example_inputs` / `leaf_modules`: as given to
+    `rewrite` when the model needed them to be captured.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    reader = CheckpointReader(directory)
+    if skeleton is None:
+        model = rebuild(manifest, _hf_skeleton(manifest, directory), example_inputs=example_inputs,
+                        leaf_modules=leaf_modules, inplace=True)
+    else:
+        model = rebuild(manifest, skeleton, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    tensors = reader.read(reader.tensors, aligned=True)
+    assign_state(model, tensors, manifest.aliases, where=str(directory))
+    return model
+
+
+def _hf_skeleton(manifest: Manifest, directory: Path) -> nn.Module:
+    """The dense transformers model of the manifest, on the meta device (no initialisation)."""
+    if manifest.hf_config is None:
+        raise CheckpointError(
+            f"{directory} holds a {manifest.model_class}, which is not a transformers model: pass its "
+            "dense skeleton, e.g. upcycle_fx.load(dir, MyModel(...)) (built as before the rewrite).")
+    import importlib
+
+    module_name, _, class_name = manifest.model_class.rpartition(".")
+    if not module_name.startswith("transformers."):
+        raise CheckpointError(f"{directory}: model class {manifest.model_class} is not from transformers; "
+                              "pass its dense skeleton to upcycle_fx.load.")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise CheckpointError(f"{directory}: {manifest.model_class} does not exist in this transformers "
+                              f"({error}); install the version recorded in upcycle_fx.json: "
+                              f"{manifest.versions.get('transformers')}.") from error
+    config = cls.config_class.from_dict(dict(manifest.hf_config))
+    if manifest.attn_implementation is not None:
+        config._attn_implementation = manifest.attn_implementation
+    with torch.device("meta"):
+        return cls(config)

@@ -1,0 +1,10 @@
+"""The exporter's named error."""
+
+from __future__ import annotations
+
+from ...errors import UpcycleError
+
+
+class OnnxExportError(UpcycleError):
+    """The model (or an argument of `export_onnx`) cannot be exported to ONNX; the message says
+    which step failed, why, and what to try."""

@@ -1,0 +1,129 @@
+"""The per-layer decision: which MoE layers the fused node can express on a target, and why not.
+
+A layer is fused only when the node computes exactly what the layer computes (up to float
+rounding); otherwise it falls back to the portable lowering with the reason recorded. The
+activation is trusted by name only after a numerical probe: the experts' activation module is run
+on a grid and compared with the reference function of the name it claims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...moe import MoE
+from ...report import moe_layers
+from .errors import OnnxExportError
+from .fused import GELU, QUICK_GELU_ALPHA, RELU, SILU, SWIGLU, FusedForm
+from .targets import Target
+
+FUSED, PORTABLE = "fused", "portable"
+
+# Reference functions for the activation names the fused node can express.
+_REFERENCE = {
+    "relu": torch.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_fast": lambda t: F.gelu(t, approximate="tanh"),   # the same formula as gelu_tanh
+    "gelu_quick": lambda t: t * torch.sigmoid(QUICK_GELU_ALPHA * t),
+}
+_PROBE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One MoE layer and how it will be lowered (`form` is None for the portable lowering)."""
+
+    name: str
+    moe: MoE
+    form: FusedForm | None
+    reason: str = ""   # why the layer is portable
+
+    @property
+    def lowering(self) -> str:
+        return FUSED if self.form is not None else PORTABLE
+
+
+def plan_layers(model: nn.Module, *, fused: bool, target: Target,
+                portable_layers=()) -> list[LayerPlan]:
+    """A LayerPlan for every MoE layer of `model`, in execution order."""
+    layers = moe_layers(model)
+    unknown = set(portable_layers) - {name for name, _ in layers}
+    if unknown:
+        raise OnnxExportError(f"portable_layers names no MoE layer: {sorted(unknown)}; the MoE "
+                              f"layers are {[name for name, _ in layers]}")
+    plans = []
+    for name, moe in layers:
+        if not fused:
+            plans.append(LayerPlan(name, moe, None, "fused=False"))
+        elif name in portable_layers:
+            plans.append(LayerPlan(name, moe, None, "listed in portable_layers"))
+        else:
+            form = fused_form(moe, target)
+            plans.append(LayerPlan(name, moe, form, "") if isinstance(form, FusedForm)
+                         else LayerPlan(name, moe, None, form))
+    return plans
+
+
+def fused_form(moe: MoE, target: Target) -> FusedForm | str:
+    """The node form that computes exactly what `moe` computes on `target`, or why there is none."""
+    settings, experts = moe.settings, moe.experts
+    if settings.routing != "top_k":
+        return f"{settings.routing} routing: the fused op routes tokens to their top-k experts only"
+    if settings.capacity_factor is not None and settings.capacity_factor * settings.top_k < moe.num_experts:
+        return (f"capacity_factor={settings.capacity_factor:g} can drop assignments "
+                "(the fused op is dropless)")
+    dtype = experts.up_proj.dtype
+    if dtype not in target.dtypes:
+        return f"{dtype}: the {target.name} kernel runs {', '.join(map(str, target.dtypes))}"
+    problem = target.dim_problem(experts.d_model, experts.d_ff, dtype)
+    if problem:
+        return problem
+    activation = _activation_form(experts, target)
+    if isinstance(activation, str):
+        return activation
+    activation_type, alpha = activation
+    probe_error = _probe(experts.activation, experts.activation_name, dtype, experts.up_proj.device)
+    if probe_error:
+        return probe_error
+    return FusedForm(activation_type, settings.top_k, settings.normalize_weights, alpha,
+                     "tanh" if target.gelu == "tanh" else "none")
+
+
+def _activation_form(experts, target: Target) -> tuple[str, float] | str:
+    name = experts.activation_name
+    if experts.gated:
+        gates = {"silu": 1.0, "gelu_quick": QUICK_GELU_ALPHA}
+        if name in gates:
+            return SWIGLU, gates[name]
+        return (f"gated {name}: the fused op gates only with SwiGLU g·sigmoid(α·g)·u "
+                "(silu or quick-GELU gates)")
+    if name in ("relu", "silu"):
+        return (RELU if name == "relu" else SILU), 1.0
+    if name in ("gelu", "gelu_tanh", "gelu_fast"):
+        computes = "erf" if name == "gelu" else "tanh"
+        if computes == target.gelu:
+            return GELU, 1.0
+        return (f"{name} ({computes} GELU): the {target.name} kernel's gelu is the "
+                f"{target.gelu} form")
+    return f"activation {name}: the fused op has relu, gelu, silu and SwiGLU only"
+
+
+def _probe(activation: nn.Module, name: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """None if `activation` computes the reference function of `name`, else why not."""
+    grid = torch.linspace(-8.0, 8.0, 161, dtype=torch.float32, device=device)
+    try:
+        with torch.no_grad():
+            got = activation(grid.to(dtype)).float()
+    except Exception as error:  # noqa: BLE001 - any failure means we cannot vouch for it
+        return f"activation module {type(activation).__name__} failed on a probe: {error}"
+    want = _REFERENCE[name](grid.to(dtype).float())
+    error = float((got - want).abs().max() / want.abs().max())
+    if not error <= _PROBE_TOLERANCE.get(dtype, 1e-5):
+        return (f"activation module {type(activation).__name__} does not compute {name} "
+                f"(probe relative error {error:.1e})")
+    return None
