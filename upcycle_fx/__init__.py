@@ -25,5 +25,15 @@ __all__ = [
     "CaptureError", "NoMLPFoundError", "NoMLPSelectedError", "RewriteError", "__version__",
     "save", "load", "convert_checkpoint", "ConversionReport", "CheckpointError",
     "CheckpointMismatchError", "HFFormatError", "MissingShardError", "OutputExistsError",
-    "TruncatedShardError", "export_onnx", "OnnxExportError",
+    "TruncatedShardError", "export_onnx", "OnnxExportError", "distributed",
 ]
+
+
+def __getattr__(name: str):
+    """`upcycle_fx.distributed` (FSDP2 + expert parallelism) is imported on first use: it pulls in
+    torch.distributed.checkpoint, which single-process users need not pay for."""
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,13 @@ IMPLEMENTATIONS = ("auto", "grouped", "batched", "loop")
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "auto") -> torch.Tensor:
-    """Combine the experts' outputs for tokens x: [T, D] according to `routing`."""
+    """Combine the experts' outputs for tokens x: [T, D] according to `routing`.
+
+    `experts`: an `Experts`, or any object with its `num_experts`, `forward_grouped`,
+    `forward_batched` and `forward_expert` (the expert-parallel adapter of
+    `upcycle_fx.distributed` runs `Experts`' own methods on each rank's experts between two
+    all-to-alls, so this core stays the only one).
+    """
     if impl == "auto":
         impl = "batched" if routing.slots is not None else "grouped"
     if impl == "grouped":

@@ -39,6 +39,29 @@ class MoESettings:
         return float(self.top_k)
 
 
+class RouterStats:
+    """The router statistics `MoE` keeps after each forward, computed over this process's tokens.
+
+    `upcycle_fx.distributed` installs a subclass that sums them over the data-parallel ranks, so
+    that the losses and loads are those of the global batch (see `MoE.parallel`).
+    """
+
+    def load_balancing_loss(self, routing: Routing) -> torch.Tensor:
+        return losses.load_balancing_loss(routing)
+
+    def router_z_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        return losses.router_z_loss(logits)
+
+    def expert_load(self, routing: Routing) -> torch.Tensor:
+        return routing.expert_load()
+
+    def dropped(self, routing: Routing) -> torch.Tensor:
+        return (~routing.kept).sum()
+
+
+LOCAL_STATS = RouterStats()
+
+
 class MoE(nn.Module):
     """Mixture of Experts replacing one dense FFN: `.router` (d_model -> E, float32) and `.experts`.
 
@@ -46,7 +69,15 @@ class MoE(nn.Module):
     logging and for `upcycle_fx.aux_loss`: `last_aux_loss` (weighted load-balancing + z-loss,
     with gradient), `last_expert_load` ([E] kept assignments per expert) and
     `last_dropped` (assignments dropped by the capacity limit).
+
+    `parallel` is the hook of the distributed path: None (the default) computes everything in
+    this process. `upcycle_fx.distributed.parallelize` installs an object with `.experts(moe)`
+    (what the dispatch core runs the assignments through: this layer's `experts`, or an adapter
+    that sends rows to the ranks holding their experts by all-to-all) and `.stats` (a
+    `RouterStats` summing over the data-parallel ranks).
     """
+
+    parallel = None
 
     def __init__(self, router: Router, experts: Experts, settings: MoESettings, *,
                  dispatch_impl: str = "auto", source: str = "", mlp_index: int = 0) -> None:
@@ -76,7 +107,8 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         logits = self.router(tokens)
         routing = self.route(logits)
-        out = dispatch(tokens, routing, self.experts, self.dispatch_impl)
+        experts = self.experts if self.parallel is None else self.parallel.experts(self)
+        out = dispatch(tokens, routing, experts, self.dispatch_impl)
         self._record(logits, routing)
         return out.reshape(x.shape)
 
@@ -86,14 +118,15 @@ class MoE(nn.Module):
 
     def _record(self, logits: torch.Tensor, routing: Routing) -> None:
         s = self.settings
+        stats = LOCAL_STATS if self.parallel is None else self.parallel.stats
         aux = logits.new_zeros(())
         if s.aux_loss_weight and s.routing == "top_k":
-            aux = aux + s.aux_loss_weight * losses.load_balancing_loss(routing)
+            aux = aux + s.aux_loss_weight * stats.load_balancing_loss(routing)
         if s.z_loss_weight:
-            aux = aux + s.z_loss_weight * losses.router_z_loss(logits)
+            aux = aux + s.z_loss_weight * stats.router_z_loss(logits)
         self.last_aux_loss = aux
-        self.last_expert_load = routing.expert_load().detach()
-        self.last_dropped = (~routing.kept).sum().detach()
+        self.last_expert_load = stats.expert_load(routing).detach()
+        self.last_dropped = stats.dropped(routing).detach()
 
     def extra_repr(self) -> str:
         s = self.settings
