@@ -14,7 +14,9 @@ and computes `out[t] = Σ_k w_tk · expert_{e_tk}(x_t)`. Baselines measured in t
 Before timing, each implementation is checked against the float32 loop oracle. On CUDA our
 forward+backward also runs under `torch.cuda.set_sync_debug_mode("error")`: any host sync fails.
 For T <= 64 the decode floor (reading the chosen experts' weights once at the measured copy
-bandwidth) is reported, with our layer timed as a CUDA-graph replay.
+bandwidth) is reported, with our layer (which takes the Triton decode kernels for inference on
+T·k <= 128 assignments) and our grouped path both timed as CUDA-graph replays; the decode path
+is checked against the oracle first too.
 """
 
 from __future__ import annotations
@@ -105,9 +107,10 @@ def as_routing(index: torch.Tensor, weights: torch.Tensor, num_experts: int) -> 
 
 
 # --- implementations -----------------------------------------------------------------------
-def ours(experts: Experts):
+def ours(experts: Experts, impl: str = "auto"):
+    """Our dispatch core; `auto` takes the Triton decode path for small inference batches on CUDA."""
     def run(x, index, weights):
-        return dispatch(x, as_routing(index, weights, experts.num_experts), experts, "auto")
+        return dispatch(x, as_routing(index, weights, experts.num_experts), experts, impl)
     return run
 
 
@@ -274,6 +277,12 @@ def check(shape: Shape, device, dtype) -> dict[str, float]:
         except Exception as error:  # noqa: BLE001
             errors[name] = float("nan")
             print(f"  {name}: check failed: {type(error).__name__}: {error}")
+    if device.type == "cuda":  # the decode path (inference, T·k <= 128) against the same oracle
+        small_x = x[:16]
+        small_index, small_weights = index[:16], weights[:16]
+        with torch.no_grad():
+            errors["upcycle_fx_decode"] = relative(ours(experts, "decode")(small_x.to(dtype), small_index, small_weights),
+                                                   loop_oracle(reference)(small_x, small_index, small_weights))
     if device.type == "cuda":  # no host sync in our forward + backward
         xs = x.to(dtype).requires_grad_()
         torch.cuda.synchronize()
@@ -312,8 +321,10 @@ def bench(shapes, tokens_list, device, dtype, backward_modes) -> list[dict]:
                 if not backward and tokens <= 64 and device.type == "cuda":
                     used = int(torch.unique(index).numel())
                     record["floor_ms"] = used * shape.expert_bytes(element_size) / bandwidth * 1e3
+                    grouped = ours(experts, "grouped")
                     with torch.no_grad():
                         record["upcycle_fx_graph"] = graph_replay_ms(lambda: impls["upcycle_fx"](x, index, weights), device)
+                        record["grouped_graph"] = graph_replay_ms(lambda: grouped(x, index, weights), device)
                 rows.append(record)
                 print(format_row(record))
     return rows
@@ -382,6 +393,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def decode_markdown(rows: list[dict]) -> str:
+    """Small batches against the weight-read floor: our layer (auto: the decode kernels where they
+    apply) and the grouped path, both replayed as CUDA graphs."""
+    lines = ["| shape | T | floor (ms) | ours, graph (ms) | ratio to floor | grouped path, graph (ms) | ratio to floor |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if not r.get("floor_ms") or not r.get("upcycle_fx_graph"):
+            continue
+        grouped = r.get("grouped_graph")
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['floor_ms']:.3f} | {r['upcycle_fx_graph']:.3f} | "
+                     f"{r['upcycle_fx_graph'] / r['floor_ms']:.2f}x | "
+                     + (f"{grouped:.3f} | {grouped / r['floor_ms']:.2f}x |" if grouped else "- | - |"))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI)")
@@ -392,7 +418,8 @@ def main(argv=None) -> int:
     parser.add_argument("--render", type=Path, help="print a results JSON as a Markdown table and exit")
     args = parser.parse_args(argv)
     if args.render:
-        print(markdown(json.loads(args.render.read_text())["rows"]))
+        rows = json.loads(args.render.read_text())["rows"]
+        print(markdown(rows) + "\n\n" + decode_markdown(rows))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -411,6 +438,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(markdown(rows))
+    print()
+    print(decode_markdown(rows))
     return 0
 
 

@@ -5,8 +5,13 @@ One contract, `out[t] = Σ_{(t, e, w)} w · expert_e(x[t])`, three implementatio
 * `grouped`: stable sort of the assignments by expert, gather, one grouped matmul per
   projection (`grouped_mm` where it applies), weighted scatter-add; for dropless top-k;
 * `batched`: the static [E, C] slot table of capacity routings (expert choice, capped
-  top-k) as one batched matmul per projection; no sort, shapes fixed by T, E and C.
-`auto` picks `batched` when the routing has slots, else `grouped`. Neither fast path reads
+  top-k) as one batched matmul per projection; no sort, shapes fixed by T, E and C;
+* `decode`: two Triton kernels that find each expert's rows themselves (`triton_decode.py`),
+  for small batches at inference, where the grouped path's ~15 kernel launches cost more
+  than reading the chosen experts' weights.
+`auto` picks `batched` when the routing has slots; else `decode` on CUDA when nothing needs a
+gradient and there are at most DECODE_MAX_ROWS assignments (and Triton is installed, and
+torch.compile is not tracing); else `grouped`. Neither fast path reads
 anything back to the host when `grouped_mm` applies (see `grouped.py`).
 """
 
@@ -15,9 +20,11 @@ from __future__ import annotations
 import torch
 
 from .experts import Experts
+from .grouped import _triton_available
 from .routing import Routing, expert_counts
 
-IMPLEMENTATIONS = ("auto", "grouped", "batched", "loop")
+IMPLEMENTATIONS = ("auto", "grouped", "batched", "decode", "loop")
+DECODE_MAX_ROWS = 128   # T·k assignments: all of them make one tile of the decode kernels
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "auto") -> torch.Tensor:
@@ -29,7 +36,14 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "a
     all-to-alls, so this core stays the only one).
     """
     if impl == "auto":
-        impl = "batched" if routing.slots is not None else "grouped"
+        impl = "batched" if routing.slots is not None else "decode" if _decode_applies(x, routing, experts) else "grouped"
+    if impl == "decode":
+        if not isinstance(experts, Experts) or routing.expert_idx.numel() > DECODE_MAX_ROWS:
+            raise ValueError(f"the 'decode' dispatch takes the experts of one process and at most "
+                             f"{DECODE_MAX_ROWS} assignments (got {routing.expert_idx.numel()}); use 'grouped'")
+        from .triton_decode import decode_experts
+
+        return decode_experts(x, routing.token_idx, routing.expert_idx, routing.weight, experts)
     if impl == "grouped":
         return _dispatch_grouped(x, routing, experts)
     if impl == "batched":
@@ -40,6 +54,16 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "a
     if impl == "loop":
         return _dispatch_loop(x, routing, experts)
     raise ValueError(f"unknown dispatch implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def _decode_applies(x: torch.Tensor, routing: Routing, experts) -> bool:
+    """Whether `auto` takes the Triton decode path: CUDA inference on a few assignments."""
+    if not x.is_cuda or routing.expert_idx.numel() > DECODE_MAX_ROWS or not isinstance(experts, Experts):
+        return False
+    if experts.up_proj.dtype != x.dtype or torch.compiler.is_compiling() or not _triton_available():
+        return False
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in experts.parameters()))
+    return not needs_grad
 
 
 def _accumulator(x: torch.Tensor) -> torch.Tensor:
