@@ -25,7 +25,6 @@ from torch import Tensor
 
 # Activation attribute values of com.microsoft::MoE that we emit.
 RELU, GELU, SILU, SWIGLU = "relu", "gelu", "silu", "swiglu"
-QUICK_GELU_ALPHA = 1.702
 
 
 @dataclass(frozen=True)

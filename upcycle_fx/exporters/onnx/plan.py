@@ -10,29 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...moe import MoE
+from ...moe.activations import QUICK_GELU_ALPHA, probe
 from ...report import moe_layers
 from .errors import OnnxExportError
-from .fused import GELU, QUICK_GELU_ALPHA, RELU, SILU, SWIGLU, FusedForm
+from .fused import GELU, RELU, SILU, SWIGLU, FusedForm
 from .targets import Target
 
 FUSED, PORTABLE = "fused", "portable"
-
-# Reference functions for the activation names the fused node can express.
-_REFERENCE = {
-    "relu": torch.relu,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu_fast": lambda t: F.gelu(t, approximate="tanh"),   # the same formula as gelu_tanh
-    "gelu_quick": lambda t: t * torch.sigmoid(QUICK_GELU_ALPHA * t),
-}
-_PROBE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -87,7 +74,7 @@ def fused_form(moe: MoE, target: Target) -> FusedForm | str:
     if isinstance(activation, str):
         return activation
     activation_type, alpha = activation
-    probe_error = _probe(experts.activation, experts.activation_name, dtype, experts.up_proj.device)
+    probe_error = probe(experts.activation, experts.activation_name, dtype, experts.up_proj.device)
     if probe_error:
         return probe_error
     return FusedForm(activation_type, settings.top_k, settings.normalize_weights, alpha,
@@ -111,19 +98,3 @@ def _activation_form(experts, target: Target) -> tuple[str, float] | str:
         return (f"{name} ({computes} GELU): the {target.name} kernel's gelu is the "
                 f"{target.gelu} form")
     return f"activation {name}: the fused op has relu, gelu, silu and SwiGLU only"
-
-
-def _probe(activation: nn.Module, name: str, dtype: torch.dtype, device: torch.device) -> str | None:
-    """None if `activation` computes the reference function of `name`, else why not."""
-    grid = torch.linspace(-8.0, 8.0, 161, dtype=torch.float32, device=device)
-    try:
-        with torch.no_grad():
-            got = activation(grid.to(dtype)).float()
-    except Exception as error:  # noqa: BLE001 - any failure means we cannot vouch for it
-        return f"activation module {type(activation).__name__} failed on a probe: {error}"
-    want = _REFERENCE[name](grid.to(dtype).float())
-    error = float((got - want).abs().max() / want.abs().max())
-    if not error <= _PROBE_TOLERANCE.get(dtype, 1e-5):
-        return (f"activation module {type(activation).__name__} does not compute {name} "
-                f"(probe relative error {error:.1e})")
-    return None
