@@ -14,9 +14,9 @@ and computes `out[t] = Σ_k w_tk · expert_{e_tk}(x_t)`. Baselines measured in t
 Before timing, each implementation is checked against the float32 loop oracle. On CUDA our
 forward+backward also runs under `torch.cuda.set_sync_debug_mode("error")`: any host sync fails.
 For T <= 64 the decode floor (reading the chosen experts' weights once at the measured copy
-bandwidth) is reported, with our layer (which takes the Triton decode kernels for inference on
-T·k <= 128 assignments) and our grouped path both timed as CUDA-graph replays; the decode path
-is checked against the oracle first too.
+bandwidth) is reported, with our layer (which takes the Triton decode kernel for inference on
+few assignments, `dispatch.py`) and our grouped path both timed as CUDA-graph replays; the decode
+path is checked against the oracle first too.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def check(shape: Shape, device, dtype) -> dict[str, float]:
         except Exception as error:  # noqa: BLE001
             errors[name] = float("nan")
             print(f"  {name}: check failed: {type(error).__name__}: {error}")
-    if device.type == "cuda":  # the decode path (inference, T·k <= 128) against the same oracle
+    if device.type == "cuda":  # the decode path (inference, few assignments) against the same oracle
         small_x = x[:16]
         small_index, small_weights = index[:16], weights[:16]
         with torch.no_grad():
@@ -394,8 +394,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def decode_markdown(rows: list[dict]) -> str:
-    """Small batches against the weight-read floor: our layer (auto: the decode kernels where they
-    apply) and the grouped path, both replayed as CUDA graphs."""
+    """Small batches against the weight-read floor: our layer (auto: the decode kernel where it
+    applies) and the grouped path, both replayed as CUDA graphs."""
     lines = ["| shape | T | floor (ms) | ours, graph (ms) | ratio to floor | grouped path, graph (ms) | ratio to floor |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -1,5 +1,5 @@
-"""The Triton decode dispatch (CUDA inference, T·k ≤ 128) checked on the CPU via Triton's interpreter,
-against the reference loop over experts in float64."""
+"""The Triton decode dispatch (CUDA inference, T·k ≤ 512) checked on the CPU via Triton's interpreter,
+against the reference loop over experts in float64, for every activation the kernel computes."""
 
 from __future__ import annotations
 
@@ -23,19 +23,39 @@ from torch import nn
 from upcycle_fx.moe.dispatch import dispatch
 from upcycle_fx.moe.experts import Experts
 from upcycle_fx.moe.routing import top_k_routing
+from upcycle_fx.patterns.vocabulary import activation_of_module
 
+
+class ReLUSquared(nn.Module):
+    def forward(self, t):
+        return torch.relu(t).square()
+
+
+class QuickGELU(nn.Module):
+    def forward(self, t):
+        return t * torch.sigmoid(1.702 * t)
+
+
+NAMES = {ReLUSquared: "relu2", QuickGELU: "gelu_quick"}
 torch.manual_seed(0)
 cases = [  # (tokens, E, k, d_model, d_ff, gated, biases, activation, dtype, every token picks expert 0)
     (1, 8, 2, 48, 80, False, True, nn.GELU(approximate="tanh"), torch.float32, False),
     (16, 8, 2, 40, 72, True, False, nn.SiLU(), torch.float32, False),    # unused experts, odd sizes
     (64, 4, 2, 64, 96, False, True, nn.ReLU(), torch.float32, False),    # 128 rows: one full tile
+    (64, 64, 8, 32, 48, True, False, nn.SiLU(), torch.float32, False),   # 512 rows: the largest tile
     (5, 16, 4, 32, 48, True, True, nn.SiLU(), torch.float32, False),     # rows not a power of two
     (40, 8, 2, 32, 48, False, True, nn.ReLU(), torch.float32, True),     # 40 rows of one expert: 2 row blocks
-    # half precision; bf16 is checked on the GPU (benchmarks/moe_bench.py): the interpreter's dot misreads it
+    # half precision; bf16 is checked on the GPU (benchmarks/decode_check.py): the interpreter's dot misreads it
     (16, 8, 2, 64, 128, True, False, nn.SiLU(), torch.float16, False),
 ]
+# every other activation of the kernel, plain and gated (d_ff not a multiple of the 16-wide slice)
+for name, module in [("gelu", nn.GELU()), ("relu2", ReLUSquared()), ("sigmoid", nn.Sigmoid()),
+                     ("tanh", nn.Tanh()), ("gelu_quick", QuickGELU())]:
+    cases.append((6, 4, 2, 32, 40, False, True, module, torch.float32, False))
+    cases.append((6, 4, 2, 32, 40, True, True, module, torch.float32, False))
 for tokens, num_experts, k, d_model, d_ff, gated, biases, activation, dtype, skewed in cases:
-    experts = Experts(num_experts, d_model, d_ff, gated=gated, activation=activation,
+    name = NAMES.get(type(activation)) or activation_of_module(activation)
+    experts = Experts(num_experts, d_model, d_ff, gated=gated, activation=activation, activation_name=name,
                       up_bias=biases, down_bias=biases)
     with torch.no_grad():
         for p in experts.parameters():
@@ -53,15 +73,15 @@ for tokens, num_experts, k, d_model, d_ff, gated, biases, activation, dtype, ske
     error = float((got.double() - want).norm() / want.norm())
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert error < tolerance, (tokens, num_experts, k, gated, biases, dtype, error)
-    print(f"T={tokens} E={num_experts} k={k} gated={gated} bias={biases} {dtype}: {error:.1e}")
+    print(f"T={tokens} E={num_experts} k={k} {name} gated={gated} bias={biases} {dtype}: {error:.1e}")
 print("triton decode OK")
 """
 
 
 def test_triton_decode_matches_the_loop_oracle():
-    """Decode kernels vs the float64 loop oracle: ≤ 1e-5 relative in float32 and ≤ 2e-2 in float16
+    """Decode kernel vs the float64 loop oracle: ≤ 1e-5 relative in float32 and ≤ 2e-2 in float16
     (its inputs are rounded), plain and gated experts, with and without biases, unused
-    experts, 1 to 128 assignments."""
+    experts, 1 to 512 assignments, all nine activations the kernel computes."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -69,13 +89,14 @@ def test_triton_decode_matches_the_loop_oracle():
 
 
 def test_auto_takes_decode_only_for_cuda_inference_on_few_rows(monkeypatch):
-    """The choice `auto` makes: never on the CPU, never with gradients, never past 128 rows."""
+    """The choice `auto` makes: never on the CPU, never with gradients, never past 512 rows or 16 rows
+    per chosen expert on average, never for activations the kernel does not compute."""
     from torch import nn
 
     from upcycle_fx.moe.experts import Experts
     from upcycle_fx.moe.routing import top_k_routing
 
-    experts = Experts(4, 16, 32, gated=False, activation=nn.ReLU())
+    experts = Experts(4, 16, 32, gated=False, activation=nn.ReLU(), activation_name="relu")
     routing = top_k_routing(torch.randn(8, 4), 2, normalize=True)
     x = torch.randn(8, 16)
     assert not dispatch_module._decode_applies(x, routing, experts)       # CPU
@@ -83,18 +104,32 @@ def test_auto_takes_decode_only_for_cuda_inference_on_few_rows(monkeypatch):
     monkeypatch.setattr(dispatch_module, "_triton_available", lambda: True)
     with torch.no_grad():
         assert dispatch_module._decode_applies(x, routing, experts)
-        many = top_k_routing(torch.randn(65, 4), 2, normalize=True)     # 130 assignments
-        assert not dispatch_module._decode_applies(torch.randn(65, 16), many, experts)
+        many = top_k_routing(torch.randn(33, 4), 2, normalize=True)     # 66 assignments: 16.5 per expert
+        assert not dispatch_module._decode_applies(torch.randn(33, 16), many, experts)
+        wide = Experts(64, 16, 32, gated=False, activation=nn.ReLU(), activation_name="relu")
+        assert dispatch_module._decode_applies(torch.randn(64, 16), top_k_routing(torch.randn(64, 64), 8, normalize=True), wide)
+        assert not dispatch_module._decode_applies(torch.randn(65, 16), top_k_routing(torch.randn(65, 64), 8, normalize=True), wide)
     assert not dispatch_module._decode_applies(x, routing, experts)       # parameters need gradients
+    with torch.no_grad():
+        assert not dispatch_module._decode_applies(x.double(), routing, experts.double())   # no float64 kernel
+        experts.activation_name = "mish"                                   # not one the kernel computes
+        assert not dispatch_module._decode_applies(x, routing, experts)
+        experts.activation_name = "gelu"                                   # misnamed: the probe catches it
+        assert not dispatch_module._decode_applies(x, routing, experts)
 
 
 def test_decode_refuses_what_it_cannot_take():
+    """Asked for explicitly, the decode path names what it cannot take instead of computing it."""
     from torch import nn
 
     from upcycle_fx.moe.experts import Experts
     from upcycle_fx.moe.routing import top_k_routing
 
-    experts = Experts(4, 16, 32, gated=False, activation=nn.ReLU())
-    routing = top_k_routing(torch.randn(65, 4), 2, normalize=True)
-    with pytest.raises(ValueError, match="at most 128 assignments"):
-        dispatch_module.dispatch(torch.randn(65, 16), routing, experts, "decode")
+    experts = Experts(4, 16, 32, gated=False, activation=nn.ReLU(), activation_name="relu")
+    routing = top_k_routing(torch.randn(257, 4), 2, normalize=True)
+    with pytest.raises(ValueError, match="at most 512 assignments"):
+        dispatch_module.dispatch(torch.randn(257, 16), routing, experts, "decode")
+    routing = top_k_routing(torch.randn(8, 4), 2, normalize=True)
+    experts.activation_name = "silu"     # the module is a ReLU
+    with pytest.raises(ValueError, match="does not compute silu"):
+        dispatch_module.dispatch(torch.randn(8, 16), routing, experts, "decode")

@@ -6,12 +6,15 @@ One contract, `out[t] = Σ_{(t, e, w)} w · expert_e(x[t])`, three implementatio
   projection (`grouped_mm` where it applies), weighted scatter-add; for dropless top-k;
 * `batched`: the static [E, C] slot table of capacity routings (expert choice, capped
   top-k) as one batched matmul per projection; no sort, shapes fixed by T, E and C;
-* `decode`: two Triton kernels that find each expert's rows themselves (`triton_decode.py`),
-  for small batches at inference, where the grouped path's ~15 kernel launches cost more
-  than reading the chosen experts' weights.
+* `decode`: one Triton kernel that finds each expert's rows itself and runs up projection,
+  activation and down projection without writing the hidden units (`triton_decode.py`), for
+  small batches at inference, where the grouped path's ~15 kernel launches cost more than
+  reading the chosen experts' weights.
 `auto` picks `batched` when the routing has slots; else `decode` on CUDA when nothing needs a
-gradient and there are at most DECODE_MAX_ROWS assignments (and Triton is installed, and
-torch.compile is not tracing); else `grouped`. Neither fast path reads
+gradient, there are at most DECODE_MAX_ROWS assignments and no more than
+DECODE_AUTO_ROWS_PER_EXPERT per chosen expert on average (beyond that the decode kernel's
+atomic adds of the output cost more than the grouped path's launches), and the kernel knows the
+activation (and Triton is installed, and torch.compile is not tracing); else `grouped`. Neither fast path reads
 anything back to the host when `grouped_mm` applies (see `grouped.py`).
 """
 
@@ -24,7 +27,9 @@ from .grouped import _triton_available
 from .routing import Routing, expert_counts
 
 IMPLEMENTATIONS = ("auto", "grouped", "batched", "decode", "loop")
-DECODE_MAX_ROWS = 128   # T·k assignments: all of them make one tile of the decode kernels
+DECODE_MAX_ROWS = 512   # T·k assignments: all of them make one tile of the decode kernel
+DECODE_AUTO_ROWS_PER_EXPERT = 16  # auto: at most this many assignments per chosen expert on average
+DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "auto") -> torch.Tensor:
@@ -38,9 +43,9 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "a
     if impl == "auto":
         impl = "batched" if routing.slots is not None else "decode" if _decode_applies(x, routing, experts) else "grouped"
     if impl == "decode":
-        if not isinstance(experts, Experts) or routing.expert_idx.numel() > DECODE_MAX_ROWS:
-            raise ValueError(f"the 'decode' dispatch takes the experts of one process and at most "
-                             f"{DECODE_MAX_ROWS} assignments (got {routing.expert_idx.numel()}); use 'grouped'")
+        problem = _decode_problem(x, routing, experts)
+        if problem:
+            raise ValueError(f"the 'decode' dispatch cannot take this call: {problem}; use 'grouped'")
         from .triton_decode import decode_experts
 
         return decode_experts(x, routing.token_idx, routing.expert_idx, routing.weight, experts)
@@ -58,12 +63,27 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, impl: str = "a
 
 def _decode_applies(x: torch.Tensor, routing: Routing, experts) -> bool:
     """Whether `auto` takes the Triton decode path: CUDA inference on a few assignments."""
-    if not x.is_cuda or routing.expert_idx.numel() > DECODE_MAX_ROWS or not isinstance(experts, Experts):
-        return False
-    if experts.up_proj.dtype != x.dtype or torch.compiler.is_compiling() or not _triton_available():
+    if not x.is_cuda or torch.compiler.is_compiling() or not _triton_available():
         return False
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in experts.parameters()))
-    return not needs_grad
+    rows = routing.expert_idx.numel()
+    few_per_expert = rows <= DECODE_AUTO_ROWS_PER_EXPERT * min(rows, experts.num_experts)
+    return not needs_grad and few_per_expert and _decode_problem(x, routing, experts) is None
+
+
+def _decode_problem(x: torch.Tensor, routing: Routing, experts) -> str | None:
+    """What keeps the decode kernel from this call, or None."""
+    if not _triton_available():
+        return "Triton is not installed"
+    if not isinstance(experts, Experts):
+        return "it takes the experts of one process (an `Experts`)"
+    if routing.expert_idx.numel() > DECODE_MAX_ROWS:
+        return f"it takes at most {DECODE_MAX_ROWS} assignments (got {routing.expert_idx.numel()})"
+    if x.dtype not in DECODE_DTYPES or experts.up_proj.dtype != x.dtype:
+        return f"it runs float32, float16 and bfloat16 with experts of the input's dtype (got {x.dtype}, experts {experts.up_proj.dtype})"
+    from .triton_decode import kernel_activation
+
+    return kernel_activation(experts)
 
 
 def _accumulator(x: torch.Tensor) -> torch.Tensor:
