@@ -3,8 +3,9 @@
 torch's `grouped_mm` runs bfloat16 on CUDA without a host sync, but float16 and float32 take
 its fallback, which copies the group offsets to the host. This kernel covers them: rows are
 sorted by expert; the launch grid has a static upper bound of row tiles (ceil(N/BM) + E), and
-each tile looks up its expert and first row in small device tables built with torch ops, so no
-shape depends on the routing. Forward and input gradient share one kernel (weights read as
+each tile finds its expert and first row from the group ends itself (a cumulative sum over E),
+so no shape depends on the routing and no torch ops run around the launch (they had cost more
+host time than the kernels took on the GPU). Forward and input gradient share one kernel (weights read as
 [K, N] through strides); the weight gradient is a second kernel that walks each expert's rows.
 Accumulation is float32; float32 inputs use IEEE products (no TF32) so results match cuBLAS fp32.
 Runs under TRITON_INTERPRET=1 on the CPU, which is how the tests check it.
@@ -69,18 +70,28 @@ def default_tiles(dtype: torch.dtype, device: torch.device) -> GroupedTiles:
 
 
 @triton.jit
-def _grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row_ptr, group_end_ptr,
-                           num_experts, K, N,
+def _grouped_matmul_kernel(a_ptr, b_ptr, c_ptr, group_end_ptr, num_experts, K, N,
                            stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           IEEE: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
-    """c[rows of tile] = a[rows] @ b[e] where b[e] is [K, N] (read through strides)."""
+    """c[rows of tile] = a[rows] @ b[e] where b[e] is [K, N] (read through strides).
+
+    Row tile `pid_m` finds its expert and first row itself: each expert's rows make
+    ceil(rows / BLOCK_M) tiles, numbered in expert order; tiles past the last do nothing."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(tile_expert_ptr + pid_m)
+    es = tl.arange(0, E_PAD)
+    e_ok = es < num_experts
+    ends = tl.load(group_end_ptr + es, mask=e_ok, other=0)
+    starts = tl.load(group_end_ptr + es - 1, mask=e_ok & (es > 0), other=0)
+    tiles = tl.where(e_ok, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_ends = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
     if expert < num_experts:
-        first_row = tl.load(tile_row_ptr + pid_m)
-        row_end = tl.load(group_end_ptr + expert)
+        mine = es == expert
+        first_row = (tl.sum(tl.where(mine, starts, 0), axis=0)
+                     + (pid_m - tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)) * BLOCK_M)
+        row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
         rows = first_row + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < row_end
@@ -134,34 +145,20 @@ def _grouped_weight_grad_kernel(dy_ptr, x_ptr, dw_ptr, group_end_ptr, N, K,
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
-def _tile_tables(offsets: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per row-tile: its expert (E = no work) and first row; sized by a static bound."""
-    num_experts = offsets.numel()
-    ends = offsets.long()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    tiles = (ends - starts + block_m - 1) // block_m
-    tile_ends = tiles.cumsum(0)
-    max_tiles = -(-rows // block_m) + num_experts
-    tile = torch.arange(max_tiles, device=offsets.device)
-    expert = torch.searchsorted(tile_ends, tile, right=True)
-    safe = expert.clamp(max=num_experts - 1)
-    first_tile = tile_ends[safe] - tiles[safe]
-    first_row = starts[safe] + (tile - first_tile) * block_m
-    return expert.to(torch.int32), first_row.to(torch.int32), max_tiles
-
-
 def _matmul(a: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int, int], n_out: int,
             offsets: torch.Tensor, tiles: GroupedTiles) -> torch.Tensor:
-    """Rows of `a` [M, K] grouped by `offsets` times b[e] viewed as [K, n_out]."""
+    """Rows of `a` [M, K] grouped by `offsets` times b[e] viewed as [K, n_out]. The grid's row
+    tiles are a static bound, ceil(M / BLOCK_M) + E: no shape depends on the routing."""
     out = torch.empty(a.shape[0], n_out, device=a.device, dtype=a.dtype)
     if a.shape[0] == 0:
         return out
-    expert, first_row, max_tiles = _tile_tables(offsets, a.shape[0], tiles.block_m)
-    grid = (max_tiles, triton.cdiv(n_out, tiles.block_n))
-    _grouped_matmul_kernel[grid](a, b, out, expert, first_row, offsets, offsets.numel(), a.shape[1], n_out,
+    num_experts = offsets.numel()
+    grid = (triton.cdiv(a.shape[0], tiles.block_m) + num_experts, triton.cdiv(n_out, tiles.block_n))
+    _grouped_matmul_kernel[grid](a, b, out, offsets, num_experts, a.shape[1], n_out,
                                  a.stride(0), a.stride(1), *b_strides, out.stride(0), out.stride(1),
-                                 IEEE=a.dtype == torch.float32, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                                 BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+                                 IEEE=a.dtype == torch.float32, E_PAD=max(2, triton.next_power_of_2(num_experts)),
+                                 BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                                 num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 
