@@ -133,3 +133,20 @@ def test_decode_refuses_what_it_cannot_take():
     experts.activation_name = "silu"     # the module is a ReLU
     with pytest.raises(ValueError, match="does not compute silu"):
         dispatch_module.dispatch(torch.randn(8, 16), routing, experts, "decode")
+
+
+def test_decode_tiles_fit_the_shared_memory_they_are_given():
+    """float32 / gated tiles, and GPUs with ~99 KiB per block, get narrower model-dim chunks."""
+    from upcycle_fx.moe.triton_decode import default_tiles
+
+    def up_tile_bytes(tiles, element_size, gated, row_block):
+        return tiles.num_stages * element_size * tiles.block_d * (row_block + (2 if gated else 1) * tiles.block_f)
+
+    h100 = default_tiles(4096, 2, gated=True)
+    assert (h100.block_f, h100.block_d) == (64, 128)
+    for element_size, gated, row_block, limit in [(2, True, 16, 101376), (4, True, 16, None), (4, False, 64, 101376)]:
+        tiles = default_tiles(4096, 128, element_size=element_size, gated=gated, row_block=row_block,
+                              shared_limit=limit)
+        budget = 128 * 1024 if limit is None else min(128 * 1024, int(0.75 * limit))
+        assert up_tile_bytes(tiles, element_size, gated, row_block) <= budget
+        assert tiles.block_d < h100.block_d

@@ -26,8 +26,10 @@ import triton
 import triton.language as tl
 
 from .activations import cached_probe
+from .triton_grouped import shared_memory_per_block
 
 _SHARED_BYTES = 128 * 1024  # for the up projection's pipelined tiles; an H100 has 227 KiB per block
+_SHARED_SHARE = 0.75        # of a smaller GPU's per-block limit: room for the down projection's tiles
 KERNEL_ACTIVATIONS = ("relu", "relu2", "silu", "sigmoid", "tanh", "gelu", "gelu_tanh", "gelu_fast", "gelu_quick")
 
 
@@ -165,19 +167,21 @@ def _row_block(rows: int, num_experts: int) -> int:
 
 
 def default_tiles(d_model: int, rows: int, *, element_size: int = 2, gated: bool = False,
-                  row_block: int = 16) -> DecodeTiles:
+                  row_block: int = 16, shared_limit: int | None = None) -> DecodeTiles:
     """Tiles measured best on an H100 (bf16, `benchmarks/moe_bench.py` shapes, T = 1 … 64): slices
     of 128 hidden units for narrow models once there are 16 or more assignments (fewer atomic
     adds of the output), 64 otherwise (more programs to spread the reads over the SMs);
     128-wide model-dim chunks, 4 warps, 3 pipeline stages. The model-dim chunk is halved until
-    the pipelined up-projection tiles fit `_SHARED_BYTES` (float32, gated experts, many rows)."""
+    the pipelined up-projection tiles fit `_SHARED_BYTES` (float32, gated experts, many rows),
+    or 3/4 of `shared_limit` (the device's per-block shared memory) where that is less."""
     block_f = 128 if d_model < 2048 and rows >= 16 else 64
     block_d, stages = 128, 3
+    budget = _SHARED_BYTES if shared_limit is None else min(_SHARED_BYTES, int(_SHARED_SHARE * shared_limit))
 
     def shared_bytes(chunk: int) -> int:
         return stages * element_size * chunk * (row_block + (2 if gated else 1) * block_f)
 
-    while block_d > 16 and shared_bytes(block_d) > _SHARED_BYTES:
+    while block_d > 16 and shared_bytes(block_d) > budget:
         block_d //= 2
     return DecodeTiles(block_f=block_f, block_d=block_d, num_warps=4, num_stages=stages)
 
@@ -193,7 +197,7 @@ def decode_experts(x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.T
     d_ff = experts.d_ff
     row_block = _row_block(rows, num_experts)
     tiles = tiles or default_tiles(d_model, rows, element_size=x.element_size(), gated=experts.gated,
-                                   row_block=row_block)
+                                   row_block=row_block, shared_limit=shared_memory_per_block(x.device))
     out = torch.zeros(x.shape[0], d_model, dtype=torch.float32, device=x.device)
     up, down = experts.up_proj, experts.down_proj
     up_b = experts.up_bias if experts.up_bias is not None else up

@@ -59,14 +59,22 @@ def default_tiles(dtype: torch.dtype, device: torch.device) -> GroupedTiles:
     """The swept tiles for `dtype` where the device's shared memory holds them, else the small
     defaults (GPUs with ~100 KiB per block)."""
     tiles = _SWEPT.get(dtype, GroupedTiles())
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
-        if limit is None:
-            limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-        if tiles.shared_bytes(torch.empty((), dtype=dtype).element_size()) > limit:
-            return GroupedTiles()
+    limit = shared_memory_per_block(device)
+    if limit is not None and tiles.shared_bytes(torch.empty((), dtype=dtype).element_size()) > limit:
+        return GroupedTiles()
     return tiles
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block(device: torch.device) -> int | None:
+    """The most shared memory one block may use on a CUDA device (opt-in), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    if limit is None:
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return int(limit)
 
 
 @triton.jit
