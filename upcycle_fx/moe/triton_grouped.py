@@ -36,7 +36,6 @@ class GroupedTiles:
     grad_num_warps: int = 4
     grad_num_stages: int = 3
 
-
     def shared_bytes(self, element_size: int) -> int:
         """Shared memory the pipelined tiles of the larger of the two kernels take."""
         matmul = self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n)
