@@ -13,8 +13,9 @@ and computes `out[t] = Σ_k w_tk · expert_{e_tk}(x_t)`. Baselines measured in t
   the practical upper bound.
 Before timing, each implementation is checked against the float32 loop oracle. On CUDA our
 forward+backward also runs under `torch.cuda.set_sync_debug_mode("error")`: any host sync fails.
-For T <= 64 the decode floor (reading the chosen experts' weights once at the measured copy
-bandwidth) is reported, with our dispatch (which takes the Triton decode kernel for inference on
+For T <= 64 two decode floors are reported: reading the chosen experts' weights once at the
+measured copy bandwidth, and the measured time of the fastest plain read of those bytes
+(`read_floor.py`: at a few tens of MB no kernel reaches the copy bandwidth), with our dispatch (which takes the Triton decode kernel for inference on
 few assignments, `dispatch.py`) and our grouped path both timed as CUDA-graph replays of the
 dispatch alone, given the routing (the throughput columns include building our `Routing` from
 HF-style (index, weights) each call); the decode path is checked against the oracle first too.
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.read_floor import measured_read_floor  # noqa: E402
 from upcycle_fx.moe.dispatch import dispatch  # noqa: E402
 from upcycle_fx.moe.experts import Experts, FFNWeights  # noqa: E402
 from upcycle_fx.moe.routing import Routing  # noqa: E402
@@ -322,6 +324,9 @@ def bench(shapes, tokens_list, device, dtype, backward_modes) -> list[dict]:
                 if not backward and tokens <= 64 and device.type == "cuda":
                     used = int(torch.unique(index).numel())
                     record["floor_ms"] = used * shape.expert_bytes(element_size) / bandwidth * 1e3
+                    record["read_floor_ms"], record["read_floor_kernel"] = measured_read_floor(
+                        used * shape.expert_bytes(element_size), device, lambda fn: graph_replay_ms(fn, device), dtype)
+                    record["experts_read"] = used
                     # the dispatch alone, given the routing (built once, as the router hands it over)
                     routing = as_routing(index, weights, shape.num_experts)
                     with torch.no_grad():
@@ -373,6 +378,9 @@ def format_row(record: dict) -> str:
             graph = record.get("upcycle_fx_graph")
             parts.append(f"floor {record['floor_ms']:.3f} (graph {graph:.3f}: {graph / record['floor_ms']:.2f}x)"
                          if graph else f"floor {record['floor_ms']:.3f}")
+            if graph and record.get("read_floor_ms"):
+                parts.append(f"read floor {record['read_floor_ms']:.4f} ({graph / record['read_floor_ms']:.2f}x, "
+                             f"{record['read_floor_kernel']})")
     return " ".join(parts)
 
 
@@ -396,17 +404,21 @@ def markdown(rows: list[dict]) -> str:
 
 
 def decode_markdown(rows: list[dict]) -> str:
-    """Small batches against the weight-read floor: our layer (auto: the decode kernel where it
-    applies) and the grouped path, both replayed as CUDA graphs."""
-    lines = ["| shape | T | floor (ms) | ours, graph (ms) | ratio to floor | grouped path, graph (ms) | ratio to floor |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """Small batches against the weight-read floors: our layer (auto: the decode kernel where it
+    applies) and the grouped path, both replayed as CUDA graphs; the bandwidth floor is bytes over
+    the copy bandwidth, the measured one the fastest plain read of those bytes (`read_floor.py`)."""
+    lines = ["| shape | T | experts read | bandwidth floor (ms) | measured read floor (ms) | ours, graph (ms) "
+             "| ours / bandwidth floor | ours / read floor | grouped path, graph (ms) | grouped / read floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if not r.get("floor_ms") or not r.get("upcycle_fx_graph"):
             continue
-        grouped = r.get("grouped_graph")
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['floor_ms']:.3f} | {r['upcycle_fx_graph']:.3f} | "
-                     f"{r['upcycle_fx_graph'] / r['floor_ms']:.2f}x | "
-                     + (f"{grouped:.3f} | {grouped / r['floor_ms']:.2f}x |" if grouped else "- | - |"))
+        ours, grouped, read = r["upcycle_fx_graph"], r.get("grouped_graph"), r.get("read_floor_ms")
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r.get('experts_read', '-')} | {r['floor_ms']:.4f} | "
+                     + (f"{read:.4f}" if read else "-") + f" | {ours:.4f} | {ours / r['floor_ms']:.2f}x | "
+                     + (f"{ours / read:.2f}x" if read else "-") + " | "
+                     + (f"{grouped:.4f} | " if grouped else "- | ")
+                     + (f"{grouped / read:.2f}x |" if grouped and read else "- |"))
     return "\n".join(lines)
 
 
