@@ -18,9 +18,11 @@ dispatch_module = importlib.import_module("upcycle_fx.moe.dispatch")  # the pack
 ROOT = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
+import copy
 import torch
 from torch import nn
 from upcycle_fx.moe.dispatch import dispatch
+from upcycle_fx.moe.triton_decode import ASSIGNMENT_KERNEL_MAX_ROWS, _row_block, decode_experts, default_tiles
 from upcycle_fx.moe.experts import Experts
 from upcycle_fx.moe.routing import top_k_routing
 from upcycle_fx.patterns.vocabulary import activation_of_module
@@ -47,6 +49,8 @@ cases = [  # (tokens, E, k, d_model, d_ff, gated, biases, activation, dtype, eve
     (40, 8, 2, 32, 48, False, True, nn.ReLU(), torch.float32, True),     # 40 rows of one expert: 2 row blocks
     # half precision; bf16 is checked on the GPU (benchmarks/decode_check.py): the interpreter's dot misreads it
     (16, 8, 2, 64, 128, True, False, nn.SiLU(), torch.float16, False),
+    (3, 8, 2, 48, 80, True, False, nn.SiLU(), torch.bfloat16, False),    # the per-assignment kernel only
+    (4, 2, 2, 48, 80, False, True, nn.GELU(), torch.bfloat16, False),    # every expert chosen by every token
 ]
 # every other activation of the kernel, plain and gated (d_ff not a multiple of the 16-wide slice)
 for name, module in [("gelu", nn.GELU()), ("relu2", ReLUSquared()), ("sigmoid", nn.Sigmoid()),
@@ -66,22 +70,34 @@ for tokens, num_experts, k, d_model, d_ff, gated, biases, activation, dtype, ske
     if skewed:
         logits[:, 0] += 100.0
     routing = top_k_routing(logits, k, normalize=True)
+    rows = routing.expert_idx.numel()
+    kernels = {  # both kernels on every case, whichever `dispatch` picks for it
+        "per-assignment": default_tiles(d_model, 1, element_size=x.element_size(), gated=gated),
+        "per-expert": default_tiles(d_model, ASSIGNMENT_KERNEL_MAX_ROWS + rows, element_size=x.element_size(),
+                                    gated=gated, row_block=_row_block(rows, num_experts))}
+    assert kernels["per-assignment"].per_assignment and not kernels["per-expert"].per_assignment
+    if dtype == torch.bfloat16:
+        del kernels["per-expert"]   # the interpreter's tl.dot misreads bf16 (checked on the GPU instead)
     with torch.no_grad():
-        got = dispatch(x, routing, experts, "decode")
-        want = dispatch(x.double(), routing, experts.double(), "loop")
-    assert got.dtype == dtype and got.shape == x.shape
-    error = float((got.double() - want).norm() / want.norm())
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    assert error < tolerance, (tokens, num_experts, k, gated, biases, dtype, error)
-    print(f"T={tokens} E={num_experts} k={k} {name} gated={gated} bias={biases} {dtype}: {error:.1e}")
+        outputs = {"dispatch": dispatch(x, routing, experts, "decode")} if dtype != torch.bfloat16 else {}
+        for kernel, tiles in kernels.items():
+            outputs[kernel] = decode_experts(x, routing.token_idx, routing.expert_idx, routing.weight, experts, tiles)
+        want = dispatch(x.double(), routing, copy.deepcopy(experts).double(), "loop")
+    for kernel, got in outputs.items():
+        assert got.dtype == dtype and got.shape == x.shape
+        error = float((got.double() - want).norm() / want.norm())
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        assert error < tolerance, (kernel, tokens, num_experts, k, gated, biases, dtype, error)
+        print(f"{kernel}: T={tokens} E={num_experts} k={k} {name} gated={gated} bias={biases} {dtype}: {error:.1e}")
 print("triton decode OK")
 """
 
 
 def test_triton_decode_matches_the_loop_oracle():
-    """Decode kernel vs the float64 loop oracle: ≤ 1e-5 relative in float32 and ≤ 2e-2 in float16
-    (its inputs are rounded), plain and gated experts, with and without biases, unused
-    experts, 1 to 512 assignments, all nine activations the kernel computes."""
+    """Both decode kernels (per expert, per assignment) vs the float64 loop oracle: ≤ 1e-5 relative
+    in float32 and ≤ 2e-2 in float16 and bfloat16 (their inputs are rounded), plain and gated
+    experts, with and without biases, unused experts, experts chosen by several assignments,
+    1 to 512 assignments, all nine activations the kernels compute."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -142,11 +158,23 @@ def test_decode_tiles_fit_the_shared_memory_they_are_given():
     def up_tile_bytes(tiles, element_size, gated, row_block):
         return tiles.num_stages * element_size * tiles.block_d * (row_block + (2 if gated else 1) * tiles.block_f)
 
-    h100 = default_tiles(4096, 2, gated=True)
-    assert (h100.block_f, h100.block_d) == (64, 128)
+    h100 = default_tiles(4096, 32, gated=True)
+    assert (h100.block_f, h100.block_d, h100.per_assignment) == (64, 128, False)
     for element_size, gated, row_block, limit in [(2, True, 16, 101376), (4, True, 16, None), (4, False, 64, 101376)]:
         tiles = default_tiles(4096, 128, element_size=element_size, gated=gated, row_block=row_block,
                               shared_limit=limit)
         budget = 128 * 1024 if limit is None else min(128 * 1024, int(0.75 * limit))
         assert up_tile_bytes(tiles, element_size, gated, row_block) <= budget
         assert tiles.block_d < h100.block_d
+
+
+def test_decode_kernel_choice_by_assignment_count():
+    """Up to ASSIGNMENT_KERNEL_MAX_ROWS assignments the per-assignment kernel (no shared-memory
+    tiles, narrower chunks in float32), beyond it the per-expert kernel."""
+    from upcycle_fx.moe.triton_decode import ASSIGNMENT_KERNEL_MAX_ROWS, default_tiles
+
+    few = default_tiles(768, ASSIGNMENT_KERNEL_MAX_ROWS)
+    assert few.per_assignment and (few.block_f, few.block_d) == (64, 256)
+    assert default_tiles(768, 2, element_size=4).block_d == 128
+    assert default_tiles(4096, 2, gated=True).block_f == 128
+    assert not default_tiles(768, ASSIGNMENT_KERNEL_MAX_ROWS + 1).per_assignment

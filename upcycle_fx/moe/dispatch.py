@@ -6,10 +6,10 @@ One contract, `out[t] = Σ_{(t, e, w)} w · expert_e(x[t])`, three implementatio
   projection (`grouped_mm` where it applies), weighted scatter-add; for dropless top-k;
 * `batched`: the static [E, C] slot table of capacity routings (expert choice, capped
   top-k) as one batched matmul per projection; no sort, shapes fixed by T, E and C;
-* `decode`: one Triton kernel that finds each expert's rows itself and runs up projection,
-  activation and down projection without writing the hidden units (`triton_decode.py`), for
-  small batches at inference, where the grouped path's ~15 kernel launches cost more than
-  reading the chosen experts' weights.
+* `decode`: one Triton kernel that runs up projection, activation and down projection without
+  writing the hidden units (`triton_decode.py`; one program per assignment for a handful of
+  them, else one per expert that finds its rows itself), for small batches at inference, where
+  the grouped path's ~15 kernel launches cost more than reading the chosen experts' weights.
 `auto` picks `batched` when the routing has slots; else `decode` on CUDA when nothing needs a
 gradient, there are at most DECODE_MAX_ROWS assignments and no more than
 DECODE_AUTO_ROWS_PER_EXPERT per chosen expert on average (beyond that the decode kernel's
