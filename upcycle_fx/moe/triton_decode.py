@@ -31,6 +31,7 @@ TRITON_INTERPRET=1 on the CPU, which is how the tests check it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,22 @@ def _activation(z, ACT: tl.constexpr):
         return z * tl.sigmoid(1.702 * z)
     else:  # gelu_tanh / gelu_fast: 0.5 z (1 + tanh(u)) = z · sigmoid(2u)
         return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+
+
+@triton.jit
+def _hidden_units(acc, gate, up_b_ptr, up_rows, fs, f_ok, stride_ubf,
+                  ACT: tl.constexpr, GATED: tl.constexpr, UP_BIAS: tl.constexpr):
+    """act(up + b) (gated: act(gate + b) · (up + b)) of the float32 sums `acc` (and `gate`),
+    [..., BLOCK_F] for the hidden units fs, zero past d_ff; biases broadcast over any rows."""
+    if UP_BIAS:
+        acc += tl.load(up_b_ptr + up_rows * stride_ubf, mask=f_ok, other=0.0).to(tl.float32)
+        if GATED:
+            gate += tl.load(up_b_ptr + fs * stride_ubf, mask=f_ok, other=0.0).to(tl.float32)
+    if GATED:
+        hidden = _activation(gate, ACT) * acc
+    else:
+        hidden = _activation(acc, ACT)
+    return tl.where(f_ok, hidden, 0.0)
 
 
 @triton.jit
@@ -144,16 +161,8 @@ def _decode_kernel(x_ptr, up_ptr, up_b_ptr, down_ptr, down_b_ptr, token_ptr, exp
             if GATED:
                 g = tl.load(up_base + ds[:, None] * stride_ud + fs[None, :] * stride_uf, mask=w_mask, other=0.0)
                 gate = _dot(a, g, gate, IEEE)
-        if UP_BIAS:
-            up_b_base = up_b_ptr + expert.to(tl.int64) * stride_ube
-            acc += tl.load(up_b_base + up_rows * stride_ubf, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-            if GATED:
-                gate += tl.load(up_b_base + fs * stride_ubf, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            hidden = _activation(gate, ACT) * acc
-        else:
-            hidden = _activation(acc, ACT)
-        hidden = tl.where(f_ok[None, :], hidden, 0.0).to(x_ptr.dtype.element_ty)
+        hidden = _hidden_units(acc, gate, up_b_ptr + expert.to(tl.int64) * stride_ube, up_rows, fs, f_ok, stride_ubf,
+                               ACT, GATED, UP_BIAS).to(x_ptr.dtype.element_ty)
         scale = tl.load(weight_ptr + row, mask=valid, other=0.0).to(tl.float32)
         if PDL:
             gdc_wait()  # the output's zeroing is done (returns at once after the first time)
@@ -205,16 +214,8 @@ def _assignment_kernel(x_ptr, up_ptr, up_b_ptr, down_ptr, down_b_ptr, token_ptr,
         acc += tl.sum(w.to(tl.float32) * a[:, None], axis=0)
         if GATED:
             gate += tl.sum(g.to(tl.float32) * a[:, None], axis=0)
-    if UP_BIAS:
-        up_b_base = up_b_ptr + expert * stride_ube
-        acc += tl.load(up_b_base + up_rows * stride_ubf, mask=f_ok, other=0.0).to(tl.float32)
-        if GATED:
-            gate += tl.load(up_b_base + fs * stride_ubf, mask=f_ok, other=0.0).to(tl.float32)
-    if GATED:
-        hidden = _activation(gate, ACT) * acc
-    else:
-        hidden = _activation(acc, ACT)
-    hidden = tl.where(f_ok, hidden, 0.0) * scale
+    hidden = _hidden_units(acc, gate, up_b_ptr + expert * stride_ube, up_rows, fs, f_ok, stride_ubf,
+                           ACT, GATED, UP_BIAS) * scale
     if PDL:
         gdc_wait()
     for d0 in range(0, D, BLOCK_D):
@@ -295,7 +296,12 @@ def default_tiles(d_model: int, rows: int, *, element_size: int = 2, gated: bool
 def programmatic_launch(device: torch.device) -> bool:
     """Whether the three kernels overlap through programmatic dependent launch (Hopper and later,
     and `PROGRAMMATIC_LAUNCH`; never in Triton's interpreter)."""
-    return (PROGRAMMATIC_LAUNCH and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+    return PROGRAMMATIC_LAUNCH and device.type == "cuda" and _hopper_or_later(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_later(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def decode_experts(x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, weight: torch.Tensor,
