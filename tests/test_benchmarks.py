@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_moe_bench_smoke(tmp_path):
     """Every implementation agrees with the oracle on the smoke shapes and gets timed."""
     out = tmp_path / "bench.json"
@@ -29,6 +32,7 @@ def test_moe_bench_smoke(tmp_path):
     assert table.startswith("| shape | T | mode |") and "smoke-gated" in table
 
 
+@pytest.mark.slow
 def test_train_step_smoke(tmp_path):
     """Dense and upcycled tiny Llamas train a step; the upcycled one has more parameters but
     fewer active ones than its total."""

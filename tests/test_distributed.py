@@ -94,6 +94,7 @@ def assert_matches_single_process(run: dict, ref: dict, tolerance: float = FP32_
 FP32_TWO_RANK = [name for name in TWO_RANK_CASES if not CASES[name].bf16]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FP32_TWO_RANK)
 def test_two_ranks_train_like_one_process(two_ranks, name):
     """FSDP2 alone and FSDP2 + EP over 2 ranks: the same losses, aux losses, loads, gradients
@@ -102,6 +103,7 @@ def test_two_ranks_train_like_one_process(two_ranks, name):
     assert_matches_single_process(load(two_ranks, name), reference(name, 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FOUR_RANK_CASES)
 def test_four_ranks_train_like_one_process(four_ranks, name):
     """4 ranks: a 2 x 2 (dp_mod_ep x ep) grid, EP over all 4, and 2 experts on a 2 x 2 grid
@@ -144,6 +146,7 @@ def test_the_cases_exercise_what_they_claim():
     assert relative(global_aux, reference("ep_sgd", 2)["aux"][0]) <= FP32_TOLERANCE
 
 
+@pytest.mark.slow
 def test_expert_weights_are_dtensors_sharded_on_the_expert_dim(two_ranks, four_ranks):
     """EP: every stacked expert parameter is a DTensor sharded Shard(0) over `ep` (its last mesh
     dim), each rank holding E / (ep · replicas) experts, or, when the local experts do not split
@@ -166,6 +169,7 @@ def test_expert_weights_are_dtensors_sharded_on_the_expert_dim(two_ranks, four_r
     assert {placements for placements, _ in fsdp.values()} == {"(Shard(dim=0),)"}
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_matches_at_bf16_level(two_ranks):
     """FSDP2 + EP with bf16 parameters and float32 reduction against float32 single-process
     training: losses within bf16 resolution; routers compute from float32 weights while the rest
@@ -178,6 +182,7 @@ def test_bf16_mixed_precision_matches_at_bf16_level(two_ranks):
     assert checks["compute_dtypes"] == {"router": "torch.float32", "attention": "torch.bfloat16"}
 
 
+@pytest.mark.slow
 def test_resume_from_a_sharded_checkpoint(two_ranks):
     """save_sharded then load_sharded into a fresh parallelized model (with the AdamW state):
     identical parameters, and the next step gives the same loss and parameters."""
@@ -188,6 +193,7 @@ def test_resume_from_a_sharded_checkpoint(two_ranks):
     assert checks["resume_next_params_equal"]
 
 
+@pytest.mark.slow
 def test_checkpoint_from_two_ranks_loads_on_four(two_ranks, four_ranks):
     """DCP reshards: the 2-rank EP checkpoint loads into a 4-rank (2 x 2 grid) model exactly."""
     loaded = torch.load(four_ranks / "checks.pt", weights_only=False)["loaded_params"]
@@ -196,6 +202,7 @@ def test_checkpoint_from_two_ranks_loads_on_four(two_ranks, four_ranks):
     assert all(torch.equal(loaded[name], saved[name]) for name in saved)
 
 
+@pytest.mark.slow
 def test_consolidate_gives_the_single_process_model(two_ranks, tmp_path):
     """The sharded checkpoint becomes an ordinary upcycled model in this process: the trained
     parameters exactly, the single-process model's logits, and upcycle_fx.save / load work."""
@@ -218,6 +225,7 @@ def test_consolidate_gives_the_single_process_model(two_ranks, tmp_path):
         assert torch.equal(again(input_ids=ids).logits, logits)
 
 
+@pytest.mark.slow
 def test_named_errors_in_processes(two_ranks, four_ranks):
     two = torch.load(two_ranks / "checks.pt", weights_only=False)
     four = torch.load(four_ranks / "checks.pt", weights_only=False)

@@ -57,6 +57,7 @@ def _finite_curves(rows: list[dict]) -> None:
         assert math.isfinite(row["val_bpb"]) and 0 < row["val_bpb"] < 9, row
 
 
+@pytest.mark.slow
 def test_run_all_writes_every_result(smoke):
     """Every part leaves its files; plots are real PNGs; each part's time is recorded; the
     export bundle fits the device tool's limit of 8 files."""
@@ -81,12 +82,14 @@ def test_run_all_writes_every_result(smoke):
     assert (smoke.parent / "export" / "upcycling_results.tar.gz").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_pretraining_learns(smoke):
     rows = read_csv(smoke / "pretrain" / "curve.csv")
     _finite_curves(rows)
     assert rows[-1]["val_bpb"] < rows[0]["val_bpb"] - 1.0  # from ~8 bits/byte (uniform) down
 
 
+@pytest.mark.slow
 def test_comparison_spends_the_same_flops(smoke):
     """3 seeds x (dense, upcycled); each arm spends the budget to within one step; the upcycled
     arm costs more per byte, so it sees fewer bytes; both start from the same loss (the
@@ -111,6 +114,7 @@ def test_comparison_spends_the_same_flops(smoke):
     assert summary["gaps"][0]["gap_mean"] == pytest.approx(0.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ablations_cover_the_paper(smoke):
     infos = read_csv(smoke / "ablations" / "arms.csv")
     seen = {(i["experts"], i["routing"], i["normalize_weights"], i["expert_init"]) for i in infos}
@@ -127,6 +131,7 @@ def test_ablations_cover_the_paper(smoke):
     assert all(panel["paper"] and panel["ours"] for panel in summary["panels"].values())
 
 
+@pytest.mark.slow
 def test_minilm_real_checkpoint(smoke):
     """The issue's bar on real sentences, parameter counts, latency rows, ONNX status."""
     result = read_json(smoke / "minilm" / "minilm.json")
@@ -143,6 +148,7 @@ def test_minilm_real_checkpoint(smoke):
         assert result["onnx"]["status"].startswith("not available yet")
 
 
+@pytest.mark.slow
 def test_run_all_resumes_and_plots_redraw(smoke):
     """A second call skips finished parts (the GPU run may be split across calls); plots.py
     redraws every figure from the CSVs."""
@@ -152,6 +158,7 @@ def test_run_all_resumes_and_plots_redraw(smoke):
     assert len(redrawn) == 3 and all(Path(p).is_file() for p in redrawn)
 
 
+@pytest.mark.slow
 def test_same_seed_same_curve(smoke):
     """Continuing the checkpoint twice with one seed gives identical curves; another seed
     (router init and data order) gives a different one."""
@@ -286,6 +293,7 @@ def test_onnx_failures_are_reported_not_raised(tmp_path):
     assert result["status"] in ("export failed", "partly failed")
 
 
+@pytest.mark.slow
 def test_scripts_run_as_files():
     """Each entry point imports in script mode, as `python examples/upcycling/X.py` runs it
     (its folder first on sys.path); one interpreter runs all of them, to save start-up time."""

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_onnx_gpu_benchmark_smoke(tmp_path):
     out = tmp_path / "onnx.json"
     _run("--smoke", "--reps", "2", "--out", str(out))

@@ -23,6 +23,7 @@ def example():
     return module
 
 
+@pytest.mark.slow
 def test_minilm_sentence_embeddings_match_in_onnxruntime(example, tmp_path):
     """Two batches of different size and length; experts perturbed, random router. MiniLM's
     exact GELU keeps every layer portable on the CPU target, and the report says why."""
@@ -37,6 +38,7 @@ def test_minilm_sentence_embeddings_match_in_onnxruntime(example, tmp_path):
     assert all("erf GELU" in layer.detail for layer in report.layers)
 
 
+@pytest.mark.slow
 def test_minilm_stays_portable_for_the_cuda_target_too(example, tmp_path, capsys):
     """The CUDA kernel's GELU is the tanh form as well (measured on an H100 with onnxruntime-gpu
     1.31.1), so MiniLM's erf GELU layers stay portable for that target too, with the reason."""

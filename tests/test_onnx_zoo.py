@@ -52,6 +52,7 @@ def zoo_results(request, tmp_path_factory):
                for name in selected}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_model_matches_in_onnxruntime(name, zoo_results):
     result = zoo_results[name].result()
@@ -68,6 +69,7 @@ def test_zoo_model_matches_in_onnxruntime(name, zoo_results):
     assert len(expected) >= 2 and result["error"] <= ONNX_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_switch_end_to_end(fused, tmp_path, name="hw-swiglu"):
     """The public call as users make it: all layers fused (fused=True) or none (fused=False)."""

@@ -57,6 +57,7 @@ def test_capacity_factor_drops_and_counts_tokens():
         assert int(moe.last_dropped) == 64 - int(moe.last_expert_load.sum()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "hw-swiglu"])
 def test_training_lowers_the_loss(name):
     """A few AdamW steps on a fixed batch reduce LM loss + aux loss."""

@@ -93,6 +93,7 @@ print("triton decode OK")
 """
 
 
+@pytest.mark.slow
 def test_triton_decode_matches_the_loop_oracle():
     """Both decode kernels (per expert, per assignment) vs the float64 loop oracle: ≤ 1e-5 relative
     in float32 and ≤ 2e-2 in float16 and bfloat16 (their inputs are rounded), plain and gated
