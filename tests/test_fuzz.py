@@ -20,6 +20,7 @@ from upcycle_fx.testing.fuzz.models import STYLES, activations_for
 from upcycle_fx.testing.fuzz.oracle import Snapshot
 from upcycle_fx.testing.fuzz.report import render
 from upcycle_fx.testing.fuzz.repro import reproducer
+from upcycle_fx.testing.fuzz.runner import SUITE_FAMILIES
 
 IN_SUITE_BUDGET = 150  # every stratum at least once, the rewrite strata 2-3 times: about 20 s on CPU
 
@@ -65,7 +66,7 @@ def test_campaign_finds_no_failure():
     """Exact or a named error in every trial: no silent wrong result, unnamed exception, NaN,
     mutated input or lost data (see the reproducers in the message)."""
     start = time.perf_counter()
-    campaign = run_campaign(budget=IN_SUITE_BUDGET, seed=0)
+    campaign = run_campaign(budget=IN_SUITE_BUDGET, seed=0, families=SUITE_FAMILIES)
     elapsed = time.perf_counter() - start
     assert len(campaign.trials) >= 120
     failures = campaign.failures()

@@ -105,6 +105,8 @@ class Snapshot:
             a, b = self.tensors.get(name), now.tensors.get(name)
             if a is None or b is None:
                 found.append(f"{name} {'added' if a is None else 'removed'}")
+            elif a.dtype != b.dtype or a.shape != b.shape:
+                found.append(f"{name} changed from {a.dtype} {tuple(a.shape)} to {b.dtype} {tuple(b.shape)}")
             elif not _same_tensor(a, b):
                 found.append(f"{name} changed")
         if self.modules != now.modules:

@@ -18,7 +18,8 @@ def source(value: Any) -> str:
     if isinstance(value, tuple):
         return "(" + "".join(f"{source(v)}, " for v in value) + ")"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        defaults = {f.name: f.default for f in dataclasses.fields(value)}
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(value)}
         parts = [f"{f.name}={source(getattr(value, f.name))}" for f in dataclasses.fields(value)
                  if f.repr and getattr(value, f.name) != defaults[f.name]]
         return f"{type(value).__name__}({', '.join(parts)})"

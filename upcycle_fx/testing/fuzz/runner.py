@@ -23,6 +23,8 @@ from .disk import FAULTS, SAVE_STRATA, disk_cases, save_argument_cases
 from .models import TWISTS
 from .numerics import STRATA as NUMERIC_STRATA
 from .numerics import dispatch_cases, numerics_cases
+from .onnx import STRATA as ONNX_STRATA
+from .onnx import onnx_cases
 from .oracle import Category, Trial
 from .repro import reproducer
 from .rewriting import model_cases
@@ -39,6 +41,7 @@ class Family:
     strategy: Callable[[str], st.SearchStrategy]
     weight: float
     what: str
+    in_suite: bool = True  # False: seconds per trial, command-line campaign only
 
 
 FAMILIES = (
@@ -50,7 +53,9 @@ FAMILIES = (
     Family("checkpoints", tuple(CORRUPTIONS), checkpoint_cases, 2.0, "corrupted checkpoints through load"),
     Family("disk", FAULTS, disk_cases, 1.0, "disk faults during save (rename, ENOSPC, interrupt, read-only)"),
     Family("save_args", SAVE_STRATA, save_argument_cases, 1.0, "save/load with bad arguments"),
+    Family("onnx", ONNX_STRATA, onnx_cases, 0.5, "export_onnx with bad arguments", in_suite=False),
 )
+SUITE_FAMILIES = tuple(f.name for f in FAMILIES if f.in_suite)
 
 
 @dataclass
