@@ -223,8 +223,10 @@ class FuzzNet(nn.Module):
             x = block(x)
             if self.clamp_value is not None:
                 x = x.clamp(-self.clamp_value, self.clamp_value)
-            if self.read_attrs:
+            if self.read_attrs:  # plain attribute, method and (inline blocks) an otherwise unused submodule
                 x = x * block.out_scale * block.gain()
+                if isinstance(block, InlineBlock):
+                    x = x + block.spare(x) * 0.0
         if self.read_weight is not None:
             x = x + self.blocks[0].get_parameter(self.read_weight).mean()
         x = self.head(x)
@@ -274,6 +276,12 @@ class Projection:
     weight: str
 
 
+_LAST_PROJECTION = {
+    "sequential": Projection("ffn.2", "weight"), "dense": Projection("ffn.down", "weight"),
+    "gated": Projection("ffn.down", "weight"), "fused_chunk": Projection("ffn.down", "weight"),
+    "fused_slice": Projection("ffn.w_out", "weight"), "functional": Projection("ffn", "w2"),
+    "inline": Projection("down", "weight"), "bert_split": Projection("output.dense", "weight"),
+}
 _FIRST_PROJECTION = {
     "sequential": Projection("ffn.0", "weight"), "dense": Projection("ffn.up", "weight"),
     "gated": Projection("ffn.gate", "weight"), "fused_chunk": Projection("ffn.gate_up", "weight"),
@@ -297,10 +305,10 @@ def _swap_class(block: nn.Module, path: str, cls: type[nn.Linear]) -> None:
     setattr(block.get_submodule(parent) if parent else block, name, new)
 
 
-def _apply_twist(block: nn.Module, style: str, twist: str) -> None:
+def _apply_twist(block: nn.Module, style: str, twist: str, target: str) -> None:
     if twist not in PROJECTION_TWISTS + ("plain_subclass", "observer_hook"):
         return
-    proj = _FIRST_PROJECTION[style]
+    proj = (_FIRST_PROJECTION if target == "first" else _LAST_PROJECTION)[style]
     module = block.get_submodule(proj.module)
     if twist == "scaled_subclass":
         _swap_class(block, proj.module, ScaledLinear)
@@ -345,13 +353,14 @@ class ModelSpec:
     dtype: str = "float32"
     mode: str = "eval"  # the mode the user's model is in ("train" for the *_train twists)
     clamp: bool = False  # clamp block outputs below the dtype's overflow, as T5 does in fp16
+    target: str = "first"  # the FFN projection a projection twist applies to: "first" | "last"
 
     def build(self) -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             blocks = [self._block() for _ in range(self.layers)]
             for block in blocks:
-                _apply_twist(block, self.style, self.twist)
+                _apply_twist(block, self.style, self.twist, self.target)
             read_weight = None
             if self.twist == "weight_read":
                 proj = _FIRST_PROJECTION[self.style]

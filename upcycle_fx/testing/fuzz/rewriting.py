@@ -83,7 +83,7 @@ class RewriteCase:
 _FIRST_STYLE = {"block_attrs": "inline", "weight_read": "inline"}
 # The simplest draw gives no example inputs (nothing then checks the result), except where the
 # example inputs are what exposes the defect (capture runs the model on them).
-_FIRST_EXAMPLE = {"batchnorm_train": "given"}
+_FIRST_EXAMPLE = {"batchnorm_train": "given", "weight_read": "given"}
 
 
 def _styles(twist: str) -> list[str]:
@@ -100,7 +100,8 @@ def model_specs(draw, *, twist: str = "none", dtypes=("float32",), max_layers: i
         layers=draw(st.integers(1, max_layers)), bias=draw(st.booleans()),
         act=draw(st.sampled_from(activations_for(style))), twist=twist,
         norm=draw(st.sampled_from(("layernorm", "none"))), seed=draw(st.integers(0, 2**16)),
-        dtype=draw(st.sampled_from(dtypes)), mode=draw(st.sampled_from(("train", "eval"))))
+        dtype=draw(st.sampled_from(dtypes)), mode=draw(st.sampled_from(("train", "eval"))),
+        target=draw(st.sampled_from(("last", "first"))))
 
 
 @st.composite
