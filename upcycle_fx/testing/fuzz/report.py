@@ -3,6 +3,8 @@ class (category, family, kind), as text the test failure message and the command
 
 from __future__ import annotations
 
+import io
+
 from rich.console import Console
 from rich.table import Table
 
@@ -44,7 +46,7 @@ def failure_classes(campaign: Campaign) -> str:
 
 def render(campaign: Campaign, width: int = 140) -> str:
     """The whole report as plain text (table, then failure classes)."""
-    console = Console(width=width, record=True, file=open("/dev/null", "w"), color_system=None)
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
     console.print(table(campaign))
     text = console.export_text()
     classes = failure_classes(campaign)
