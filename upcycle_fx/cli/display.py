@@ -12,8 +12,7 @@ from rich.table import Table
 
 from ..report import UpcycleReport
 
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)   # long paths stay on one line, whole
 
 # Test hook: seconds to sleep after each written shard, so a test can interrupt a conversion
 # while it writes. Unset in normal use.
