@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import OnnxDestinationError, OnnxDtypeError, OnnxExportError
-from .outputs import output_names
+from .outputs import name_outputs, output_names
 from .plan import plan_layers
 from .report import ExportReport, LayerExport, OnnxFile, logger
 from .shapes import ExportInputs, constants_bound, default_dynamic_shapes, example_inputs
@@ -60,7 +60,8 @@ def export_onnx(model: nn.Module, f: str | os.PathLike, *, args: tuple = (), kwa
         names = output_names(model, inputs)
         with constants_bound(model, inputs.constants):
             program = _torch_export(model, inputs, dynamic_shapes, optimize,
-                                    any(plan.form is not None for plan in plans), names)
+                                    any(plan.form is not None for plan in plans))
+    name_outputs(program, names)
     _check_fused_nodes(program, [p for p in plans if p.form is not None and p.name in reached])
     program.model.ir_version = IR_VERSION
     external = _initializer_bytes(program) > LARGE_MODEL_BYTES
@@ -130,8 +131,7 @@ def _require_onnx() -> None:
                               "install them with: pip install 'upcycle_fx[onnx]'") from None
 
 
-def _torch_export(model, inputs: ExportInputs, dynamic_shapes, optimize: bool, has_fused: bool,
-                  names: list[str] | None):
+def _torch_export(model, inputs: ExportInputs, dynamic_shapes, optimize: bool, has_fused: bool):
     from .fused import translation_table
 
     try:
@@ -140,7 +140,7 @@ def _torch_export(model, inputs: ExportInputs, dynamic_shapes, optimize: bool, h
             warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
             return torch.onnx.export(
                 model, inputs.args, kwargs=inputs.kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                opset_version=OPSET, optimize=optimize, verbose=False, output_names=names,
+                opset_version=OPSET, optimize=optimize, verbose=False,
                 custom_translation_table=translation_table() if has_fused else None)
     except Exception as error:  # torch raises several exporter-internal types
         raise OnnxExportError(f"torch.onnx.export could not export {type(model).__name__}: "

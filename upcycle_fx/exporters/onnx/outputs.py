@@ -4,6 +4,8 @@ A Hugging Face model is exported returning a plain tuple (shapes.py), whose entr
 non-None fields of its `ModelOutput` in order; one eager run with `return_dict=True` gives those
 field names. A tuple inside a field (e.g. `hidden_states`) gives `<field>_<i>`. A model that
 returns a single tensor gets `output`, a tuple or list `output_<i>`, a dict its keys.
+The names are applied after the export, and only when they are exactly as many as the graph's
+outputs and clash with no other value of the graph: otherwise torch's names stay.
 """
 
 from __future__ import annotations
@@ -42,3 +44,21 @@ def _flatten(name: str, value: Any) -> list[str]:
         return [n for i, item in enumerate(value) if item is not None
                 for n in _flatten(f"{name}_{i}", item)]
     return []   # constants (ints, None) are not graph outputs
+
+
+def name_outputs(program, names: list[str] | None) -> None:
+    """Rename the graph outputs of the exported `program` to `names` (see the module docstring)."""
+    outputs = program.model.graph.outputs
+    if not names or len(names) != len(outputs):
+        return
+    inputs = {value.name for value in program.model.graph.inputs}
+    if inputs & set(names) or any(value.producer() is None for value in outputs):
+        return
+    taken = {value.name for node in program.model.graph.all_nodes() for value in node.outputs} - {
+        value.name for value in outputs}
+    taken |= set(program.model.graph.initializers)
+    if taken & set(names):
+        return
+    for value, name in zip(outputs, names):
+        value.metadata_props["pkg.torch.onnx.original_node_name"] = str(value.name)
+        value.name = name
