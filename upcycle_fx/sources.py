@@ -103,6 +103,14 @@ def _refuse_unknown(directory: pathlib.Path, config: dict) -> None:
             "upgrade transformers or pass a supported model") from None
 
 
+def declared_dtype(directory: pathlib.Path) -> torch.dtype | None:
+    """The weights' dtype as config.json records it (`dtype`, formerly `torch_dtype`), or None."""
+    config = json.loads((directory / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def load_pretrained(path: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None,
                     device: str = "cpu") -> LoadedModel:
     """Load a local HF model directory (no network) in eval mode, with a sample input on

@@ -20,9 +20,9 @@ from ..errors import UpcycleError
 from ..passes import select_mlps
 from ..passes.verify import preserves_function
 from ..report import UpcycleReport, active_parameters, count_parameters, first_tensor, relative_error
-from ..sources import NATIVE_MANIFEST, ModelSourceError, load_pretrained, model_directory
+from ..sources import NATIVE_MANIFEST, ModelSourceError, declared_dtype, load_pretrained, model_directory
 from .check import tolerance, written_dtype, written_model_error
-from .display import ProgressBars, console, mlp_table, progress_bars, report_table, step
+from .display import ProgressBars, console, mlp_table, onnx_table, progress_bars, report_table, step
 from .errors import CheckFailedError, UsageError
 from .safety import check_onnx_output, check_output_directory, shard_size
 
@@ -202,9 +202,11 @@ def cmd_export_onnx(args) -> int:
     out = check_onnx_output(source, args.out_onnx, args.overwrite)
     config = upcycle_config(args)
     dtype, target = output_dtype(args.dtype), get_target(args.target)
-    if dtype is not None and dtype not in target.dtypes:
-        raise OnnxDtypeError(f"--dtype {args.dtype}: onnxruntime's {target.name} execution provider "
-                             f"cannot run it; use --dtype float32 or float16"
+    weights = dtype or declared_dtype(source)
+    if weights is not None and weights not in target.dtypes:
+        given = f"--dtype {args.dtype}" if dtype else f"{source} holds {str(weights)[6:]} weights"
+        raise OnnxDtypeError(f"{given}: onnxruntime's {target.name} execution provider cannot run "
+                             f"{str(weights)[6:]}; use --dtype float32 or float16"
                              f"{' (or --target cuda)' if target.name == 'cpu' else ''}")
     with step("loading model"):
         loaded = load_pretrained(source, dtype=dtype)
@@ -217,15 +219,7 @@ def cmd_export_onnx(args) -> int:
                            fused=not args.portable, target=args.target)
     args.outcome.written = True
     report = path.report
-    from rich.table import Table
-
-    table = Table(title=f"ONNX: {len(report.fused)} of {len(report.layers)} MoE layers fused "
-                        f"(target {report.target})")
-    for column in ("MoE layer", "lowering", "node form / reason"):
-        table.add_column(column, overflow="fold")
-    for layer in report.layers:
-        table.add_row(layer.name, layer.lowering, layer.detail)
-    console.print(table)
+    console.print(onnx_table(report))
     console.print(f"wrote {path} (opset {report.opset}, IR version {report.ir_version}"
                   f"{', weights in external data' if report.external_data else ''})")
     return 0

@@ -48,6 +48,17 @@ def report_table(report: UpcycleReport, title: str) -> Table:
     return table
 
 
+def onnx_table(report) -> Table:
+    """Each MoE layer of an ONNX export (exporters.onnx.ExportReport): fused or portable, and why."""
+    table = Table(title=f"ONNX: {len(report.fused)} of {len(report.layers)} MoE layers fused "
+                        f"(target {report.target})")
+    for column in ("MoE layer", "lowering", "node form / reason"):
+        table.add_column(column, overflow="fold")
+    for layer in report.layers:
+        table.add_row(layer.name, layer.lowering, layer.detail)
+    return table
+
+
 def progress_bars() -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=console)
