@@ -45,9 +45,27 @@ def test_export_onnx_command(llama_dir, tmp_path, capsys, portable):
     assert ("fused=False" in text) if portable else ("swiglu(alpha=1, interleaved)" in text)
     assert out.is_file() and "wrote" in text
     assert _matches_dense(llama_dir, out)
+    session = ort_session(out)
+    assert [o.name for o in session.get_outputs()] == ["logits"], "graph outputs keep the model's names"
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
 
 
 def test_export_onnx_command_named_error(tmp_path, capsys):
     """A MODEL that is not a model directory: exit code 2 and the reason."""
     assert main(["export-onnx", str(tmp_path), str(tmp_path / "x.onnx")]) == 2
     assert "no config.json" in capsys.readouterr().out
+
+
+def test_export_onnx_bfloat16_for_cpu_is_refused(llama_dir, tmp_path, capsys):
+    """onnxruntime's CPU provider cannot run bfloat16: refused before loading (--dtype) or before
+    exporting (a bf16 checkpoint), exit 2, no file."""
+    out = tmp_path / "m.onnx"
+    assert main(["export-onnx", str(llama_dir), str(out), "--dtype", "bfloat16"]) == 2
+    text = capsys.readouterr().out
+    assert "OnnxDtypeError" in text and "loading model" not in text
+    bf16 = tmp_path / "bf16"
+    transformers.LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    assert main(["export-onnx", str(bf16), str(out)]) == 2
+    text = capsys.readouterr().out
+    assert "OnnxDtypeError" in text and "--dtype float32" in text and "loading model" not in text
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bf16"]

@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
-from .errors import OnnxExportError
+from .errors import OnnxDestinationError, OnnxDtypeError, OnnxExportError
+from .outputs import name_outputs, output_names
 from .plan import plan_layers
 from .report import ExportReport, LayerExport, OnnxFile, logger
 from .shapes import ExportInputs, constants_bound, default_dynamic_shapes, example_inputs
 from .swap import lowered
-from .targets import IR_VERSION, MSFT_DOMAIN, OPSET, get_target, onnxruntime_version
+from .targets import IR_VERSION, MSFT_DOMAIN, OPSET, Target, get_target, onnxruntime_version
 
 # Above this many bytes of weights the file keeps them as external data (protobuf's 2 GB limit).
 LARGE_MODEL_BYTES = 2 * 1024**3 - 64 * 1024**2
@@ -37,25 +41,31 @@ def export_onnx(model: nn.Module, f: str | os.PathLike, *, args: tuple = (), kwa
     18 and IR version 10 (seen loading and running in onnxruntime 1.23, 1.28 and 1.32; the fused
     node needs onnxruntime >= 1.23 on CPU and >= 1.28 on CUDA), weights as initializers
     (external data in `<f>.data` above 2 GB), and passes `onnx.checker`. The model is exported
-    in eval mode and left unchanged.
-    Raises OnnxExportError when the model cannot be exported, saying why.
+    in eval mode and left unchanged. Graph outputs keep the model's names (`logits`,
+    `last_hidden_state`, ...; outputs.py). The file appears complete or not at all: it is
+    written and checked beside `f`, then moved into place.
+    Raises OnnxExportError when the model cannot be exported, saying why, before any export
+    work where the reason is known up front: `f` is a directory (OnnxDestinationError), the
+    weights are in a dtype `target` cannot run (OnnxDtypeError: bfloat16 on "cpu").
     """
     path = _destination(f)
     runtime = get_target(target)
+    _check_dtypes(model, runtime)
     _require_onnx()
     inputs = example_inputs(model, args, kwargs)
     if dynamic_shapes is None:
         dynamic_shapes = default_dynamic_shapes(model, inputs)
     plans = plan_layers(model, fused=fused, target=runtime, portable_layers=portable_layers)
-    with lowered(model, plans) as reached, constants_bound(model, inputs.constants):
-        program = _torch_export(model, inputs, dynamic_shapes, optimize,
-                                any(plan.form is not None for plan in plans))
+    with lowered(model, plans) as reached:
+        names = output_names(model, inputs)
+        with constants_bound(model, inputs.constants):
+            program = _torch_export(model, inputs, dynamic_shapes, optimize,
+                                    any(plan.form is not None for plan in plans))
+    name_outputs(program, names)
     _check_fused_nodes(program, [p for p in plans if p.form is not None and p.name in reached])
     program.model.ir_version = IR_VERSION
     external = _initializer_bytes(program) > LARGE_MODEL_BYTES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(path, external_data=external)
-    _check_file(path)
+    _save_checked(program, path, external)
     report = ExportReport(path, runtime.name, OPSET, IR_VERSION, external, [
         LayerExport(plan.name, plan.lowering, plan.form.describe() if plan.form else plan.reason)
         if plan.name in reached else
@@ -71,7 +81,45 @@ def export_onnx(model: nn.Module, f: str | os.PathLike, *, args: tuple = (), kwa
 def _destination(f) -> pathlib.Path:
     if not isinstance(f, (str, os.PathLike)):
         raise OnnxExportError(f"f must be a file path (str or os.PathLike), got {type(f).__name__}")
-    return pathlib.Path(f)
+    path = pathlib.Path(f)
+    if path.is_dir() or str(f).endswith(("/", os.sep)):
+        raise OnnxDestinationError(f"{f} is a directory; give the ONNX file to write, e.g. "
+                                   f"{path / 'model.onnx'}")
+    blocking = next((p for p in path.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise OnnxDestinationError(f"{blocking} is a file, so {path} cannot be created; choose "
+                                   "another output path")
+    return path
+
+
+def _check_dtypes(model: nn.Module, runtime: Target) -> None:
+    """Refuse weights the target's execution provider has no kernels for (before exporting)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    found = {t.dtype for t in tensors if t.is_floating_point()}
+    refused = sorted(str(d).removeprefix("torch.") for d in found - set(runtime.dtypes))
+    if refused:
+        runs = ", ".join(str(d).removeprefix("torch.") for d in runtime.dtypes)
+        raise OnnxDtypeError(
+            f"{type(model).__name__} has {'/'.join(refused)} weights, which onnxruntime's "
+            f"{runtime.name} execution provider cannot run (it runs {runs}); cast the model first "
+            f"(model.to(torch.float32); --dtype float32 on the command line) or export for a "
+            f"target that runs {refused[0]}.")
+
+
+def _save_checked(program, path: pathlib.Path, external: bool) -> None:
+    """Save into a staging directory beside `path`, check it, then move the file(s) into place,
+    so an interrupted or failed export leaves no partial file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        program.save(staging / path.name, external_data=external)
+        _check_file(staging / path.name)
+        data = staging / f"{path.name}.data"
+        if data.exists():
+            os.replace(data, path.with_name(data.name))
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _require_onnx() -> None:
@@ -84,8 +132,6 @@ def _require_onnx() -> None:
 
 
 def _torch_export(model, inputs: ExportInputs, dynamic_shapes, optimize: bool, has_fused: bool):
-    import torch
-
     from .fused import translation_table
 
     try:

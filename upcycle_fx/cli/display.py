@@ -1,0 +1,85 @@
+"""What the command line prints: step timings, the FFN table, the report, progress bars."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..report import UpcycleReport
+
+console = Console(soft_wrap=True)   # long paths stay on one line, whole
+
+# Test hook: seconds to sleep after each written shard, so a test can interrupt a conversion
+# while it writes. Unset in normal use.
+SHARD_DELAY_ENV = "UPCYCLE_FX_TEST_SHARD_DELAY"
+
+
+@contextmanager
+def step(what: str):
+    """A spinner while `what` runs, then its duration."""
+    start = time.perf_counter()
+    with console.status(f"{what}..."):
+        yield
+    console.print(f"[green]✓[/] {what} ({time.perf_counter() - start:.1f} s)")
+
+
+def mlp_table(mlps, selected=()) -> Table:
+    chosen = {m.index for m in selected}
+    table = Table(title=f"{len(mlps)} FFNs found")
+    for column in ("#", "module", "kind", "activation", "d_model", "d_ff", "convert"):
+        table.add_column(column, overflow="fold")
+    for m in mlps:
+        table.add_row(str(m.index), m.path or "<model>", m.kind, m.activation, str(m.d_model),
+                      str(m.d_ff), "yes" if m.index in chosen else "")
+    return table
+
+
+def report_table(report: UpcycleReport, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for key, value in report.rows():
+        table.add_row(key, value)
+    return table
+
+
+def onnx_table(report) -> Table:
+    """Each MoE layer of an ONNX export (exporters.onnx.ExportReport): fused or portable, and why."""
+    table = Table(title=f"ONNX: {len(report.fused)} of {len(report.layers)} MoE layers fused "
+                        f"(target {report.target})")
+    for column in ("MoE layer", "lowering", "node form / reason"):
+        table.add_column(column, overflow="fold")
+    for layer in report.layers:
+        table.add_row(layer.name, layer.lowering, layer.detail)
+    return table
+
+
+def progress_bars() -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console)
+
+
+class ProgressBars:
+    """Checkpoint-writing progress (exporters.shards.Progress) as two rich bars."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars = bars
+        self.tensors = self.shards = None
+        self.delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
+
+    def start(self, tensors: int, shards: int, nbytes: int) -> None:
+        self.tensors = self.bars.add_task(f"tensors ({nbytes / 1e9:.2f} GB)", total=tensors)
+        self.shards = self.bars.add_task("shards", total=shards)
+
+    def tensor(self, name: str, nbytes: int) -> None:
+        self.bars.advance(self.tensors)
+
+    def shard(self, filename: str) -> None:
+        self.bars.advance(self.shards)
+        if self.delay:
+            time.sleep(self.delay)
