@@ -1,0 +1,170 @@
+"""`save_pretrained` / `from_pretrained` of upcycled transformers models, through the quantizer
+registry `transformers` offers for third-party module swaps.
+
+Every use of transformers internals by upcycle_fx's integrations is in this module.
+
+Saving: the upcycled model's config carries `quantization_config` (an
+`UpcycleQuantizationConfig`: the manifest of which FFNs became which MoE layers, see
+`exporters/manifest.py`), so the stock `save_pretrained` (Trainer checkpoints, `push_to_hub`)
+writes it into `config.json` with no extra call.
+
+Loading: `from_pretrained` finds `quant_method: "upcycle_fx"`, builds the dense skeleton on the
+meta device and hands it to `UpcycleHfQuantizer`, which rewrites it as the record says
+(`manifest.rebuild`) before the weights are read; the weights then load under their own names,
+bit for bit. Afterwards the model is an ordinary upcycled model again (not marked quantized, so
+`Trainer`, `.half()` and `.to()` treat it as any other model).
+
+Refusing: transformers skips an unknown `quant_method` with a warning and would build the dense
+model with random FFNs. So the config also names a fusion that only exists while upcycle_fx is
+imported (`fusion_config`, which `from_pretrained` validates before building the model and
+rejects when unknown); the quantizer removes it before that check. Without upcycle_fx, stock
+transformers stops with `ValueError: Unknown fusion type: upcycle_fx ...`, whatever class loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from typing import Any
+
+from torch import nn
+from transformers.modeling_utils import PreTrainedModel
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..errors import UpcycleError
+from ..exporters.errors import CheckpointMismatchError
+from ..exporters.manifest import Manifest, describe, rebuild
+from ..exporters.state import tensor_table
+from .aux_loss import installed_hook, set_aux_loss_in_output
+
+QUANT_METHOD = "upcycle_fx"
+REFUSAL = ("upcycle_fx: this checkpoint is a sparse MoE model made by upcycle_fx; pip install "
+           "upcycle_fx and `import upcycle_fx` before from_pretrained to load it")
+
+
+class UpcycleQuantizationConfig(QuantizationConfigMixin):
+    """`config.quantization_config` of an upcycled model: its manifest (without the dense config,
+    which is the rest of `config.json`) and whether the training loss includes the aux losses."""
+
+    def __init__(self, manifest: dict[str, Any], aux_loss_in_output: bool = True,
+                 quant_method: str = QUANT_METHOD, **unknown: Any) -> None:
+        if unknown:
+            raise CheckpointMismatchError(
+                f"quantization_config has fields {sorted(unknown)} that this upcycle_fx does not know "
+                "(written by a newer version?); upgrade upcycle_fx to load it.")
+        self.quant_method = quant_method
+        self.manifest = manifest
+        self.aux_loss_in_output = aux_loss_in_output
+
+    @classmethod
+    def of(cls, model: nn.Module, aux_loss_in_output: bool = True) -> "UpcycleQuantizationConfig":
+        manifest = replace(describe(model, tensor_table(model)), hf_config=None)
+        return cls(asdict(manifest), aux_loss_in_output)
+
+    def record(self) -> Manifest:
+        """The manifest, validated (format and version) as a native checkpoint's is."""
+        return Manifest.from_json(json.dumps(self.manifest), "config.json quantization_config")
+
+
+class UpcycleHfQuantizer(HfQuantizer):
+    """Rebuilds the MoE layers on the meta skeleton before `from_pretrained` loads the weights."""
+
+    requires_calibration = False
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            raise UpcycleError(
+                "UpcycleQuantizationConfig only loads checkpoints saved from upcycled models; to "
+                "upcycle a dense model, load it as usual and call upcycle_fx.rewrite(model).")
+
+    def update_attn_implementation(self, config):
+        """The one hook that sees the config before the model is built: drop the refusal."""
+        fusions = getattr(config, "fusion_config", None)
+        if isinstance(fusions, dict) and REFUSAL in fusions:
+            rest = {k: v for k, v in fusions.items() if k != REFUSAL}
+            config.fusion_config = rest or None
+        return config
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        record = _aligned(self.quantization_config.record(), model)
+        rebuilt = rebuild(record, model, inplace=True)
+        if rebuilt is not model:
+            raise CheckpointMismatchError(f"{type(model).__name__}: the upcycled model is not the "
+                                          "one from_pretrained built; load it with upcycle_fx.load.")
+        return model
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+        set_aux_loss_in_output(model, self.quantization_config.aux_loss_in_output)
+        _unmark_quantized(model)
+        attach_record(model, self.quantization_config)
+        return model
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def _aligned(record: Manifest, model: nn.Module) -> Manifest:
+    """The record with module paths as `model` names them: a checkpoint of a model with a head
+    loads into the bare model (and back) the way transformers moves between the two."""
+    prefix = getattr(model, "base_model_prefix", "")
+    paths = [r.path for r in record.moe_layers]
+    if not prefix or not paths or _has_all(model, paths):
+        return record
+    if all(p.startswith(prefix + ".") for p in paths) and _has_all(model, [p[len(prefix) + 1:] for p in paths]):
+        move = lambda p: p[len(prefix) + 1:] if p.startswith(prefix + ".") else p  # noqa: E731
+    elif _has_all(model, [f"{prefix}.{p}" for p in paths]):
+        move = lambda p: f"{prefix}.{p}"  # noqa: E731
+    else:
+        return record  # rebuild names the missing layers
+    return replace(record, moe_layers=[replace(r, path=move(r.path)) for r in record.moe_layers],
+                   folded={move(k): move(v) for k, v in record.folded.items()},
+                   spliced=[move(p) for p in record.spliced], other_mode=[])
+
+
+def _has_all(model: nn.Module, paths: list[str]) -> bool:
+    names = dict(model.named_modules())
+    return all(p.rpartition(".")[0] in names for p in paths)
+
+
+def _unmark_quantized(model: PreTrainedModel) -> None:
+    """Undo what the quantizer machinery marks: the weights are plain tensors, trainable and
+    castable, and the model must compute exactly what the saved one computed."""
+    for attr in ("hf_quantizer", "is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and "_is_quantized" in module.config.__dict__:
+            del module.config._is_quantized
+
+
+def attach_record(model: nn.Module, record: UpcycleQuantizationConfig | None = None) -> None:
+    """Give an upcycled transformers model the config fields `save_pretrained` must write."""
+    if not isinstance(model, PreTrainedModel):
+        return
+    config = model.config
+    config.quantization_config = record or UpcycleQuantizationConfig.of(model, _aux_flag(model))
+    fusions = dict(getattr(config, "fusion_config", None) or {})
+    config.fusion_config = {REFUSAL: True, **fusions}
+
+
+def _aux_flag(model: nn.Module) -> bool:
+    hook = installed_hook(model)
+    return True if hook is None else hook.enabled
+
+
+def register() -> None:
+    """Make `from_pretrained` know `quant_method: "upcycle_fx"` (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(UpcycleQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(UpcycleHfQuantizer)
+
+
+register()
