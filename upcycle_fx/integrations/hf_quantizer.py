@@ -94,6 +94,7 @@ class UpcycleHfQuantizer(HfQuantizer):
         if rebuilt is not model:
             raise CheckpointMismatchError(f"{type(model).__name__}: the upcycled model is not the "
                                           "one from_pretrained built; load it with upcycle_fx.load.")
+        _skip_init_of_ffn_hosts(model, record)
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
@@ -126,6 +127,20 @@ def _aligned(record: Manifest, model: nn.Module) -> Manifest:
     return replace(record, moe_layers=[replace(r, path=move(r.path)) for r in record.moe_layers],
                    folded={move(k): move(v) for k, v in record.folded.items()},
                    spliced=[move(p) for p in record.spliced], other_mode=[])
+
+
+def _skip_init_of_ffn_hosts(model: nn.Module, record: Manifest) -> None:
+    """Mark the modules that held a converted FFN as initialised (transformers' own flag).
+
+    After loading, transformers runs the model's `_init_weights` on every module not so marked;
+    for a module like GPT-2's `GPT2MLP` it reaches for `c_proj.weight`, which now lives in the
+    MoE. Only modules without tensors of their own are marked, so nothing is left uninitialised.
+    """
+    paths = [r.path for r in record.moe_layers] + list(record.folded)
+    for path in {p.rpartition(".")[0] for p in paths}:
+        host = model.get_submodule(path)
+        if not any(True for _ in host.parameters(recurse=False)) and not any(True for _ in host.buffers(recurse=False)):
+            host._is_hf_initialized = True
 
 
 def _has_all(model: nn.Module, paths: list[str]) -> bool:
