@@ -20,6 +20,7 @@ from .aux_loss import aux_loss_in_output, installed_hook, set_aux_loss_in_output
 __all__ = ["MoETrainerCallback", "attach", "aux_loss_in_output", "set_aux_loss_in_output"]
 
 TRANSFORMERS_MODEL_CODE = "transformers.modeling_utils"  # defines from_pretrained
+QUANT_METHOD = "upcycle_fx"  # config.json's quantization_config.quant_method of upcycled models
 
 
 def attach(model: nn.Module) -> None:

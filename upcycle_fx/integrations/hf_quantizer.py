@@ -24,6 +24,7 @@ transformers stops with `ValueError: Unknown fusion type: upcycle_fx ...`, whate
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -38,9 +39,9 @@ from ..errors import UpcycleError
 from ..exporters.errors import CheckpointMismatchError
 from ..exporters.manifest import Manifest, describe, rebuild
 from ..exporters.state import tensor_table
+from . import QUANT_METHOD
 from .aux_loss import installed_hook, set_aux_loss_in_output
 
-QUANT_METHOD = "upcycle_fx"
 REFUSAL = ("upcycle_fx: this checkpoint is a sparse MoE model made by upcycle_fx; pip install "
            "upcycle_fx and `import upcycle_fx` before from_pretrained to load it")
 
@@ -95,6 +96,7 @@ class UpcycleHfQuantizer(HfQuantizer):
             raise CheckpointMismatchError(f"{type(model).__name__}: the upcycled model is not the "
                                           "one from_pretrained built; load it with upcycle_fx.load.")
         _skip_init_of_ffn_hosts(model, record)
+        _ignore_stored_buffers(model, record)
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
@@ -141,6 +143,13 @@ def _skip_init_of_ffn_hosts(model: nn.Module, record: Manifest) -> None:
         host = model.get_submodule(path)
         if not any(True for _ in host.parameters(recurse=False)) and not any(True for _ in host.buffers(recurse=False)):
             host._is_hf_initialized = True
+
+
+def _ignore_stored_buffers(model: nn.Module, record: Manifest) -> None:
+    """A native checkpoint (`upcycle_fx.save`) also stores the non-persistent buffers, which
+    transformers recomputes rather than reads: no 'unexpected keys' report for them."""
+    patterns = {rf"(^|\.){re.escape(name)}$" for name in record.non_persistent}
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
 
 
 def _has_all(model: nn.Module, paths: list[str]) -> bool:
