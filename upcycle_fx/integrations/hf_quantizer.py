@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -120,15 +121,25 @@ def _aligned(record: Manifest, model: nn.Module) -> Manifest:
     paths = [r.path for r in record.moe_layers]
     if not prefix or not paths or _has_all(model, paths):
         return record
-    if all(p.startswith(prefix + ".") for p in paths) and _has_all(model, [p[len(prefix) + 1:] for p in paths]):
-        move = lambda p: p[len(prefix) + 1:] if p.startswith(prefix + ".") else p  # noqa: E731
-    elif _has_all(model, [f"{prefix}.{p}" for p in paths]):
-        move = lambda p: f"{prefix}.{p}"  # noqa: E731
-    else:
-        return record  # rebuild names the missing layers
-    return replace(record, moe_layers=[replace(r, path=move(r.path)) for r in record.moe_layers],
-                   folded={move(k): move(v) for k, v in record.folded.items()},
-                   spliced=[move(p) for p in record.spliced], other_mode=[])
+    for move in (partial(_without_prefix, prefix), partial(_with_prefix, prefix)):
+        if _has_all(model, [move(p) for p in paths]):
+            return replace(record, moe_layers=[replace(r, path=move(r.path)) for r in record.moe_layers],
+                           folded={move(k): move(v) for k, v in record.folded.items()},
+                           spliced=[move(p) for p in record.spliced], other_mode=[])
+    return record  # rebuild names the layers it cannot find
+
+
+def _without_prefix(prefix: str, path: str) -> str:
+    return path.removeprefix(prefix + ".")
+
+
+def _with_prefix(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}"
+
+
+def _has_all(model: nn.Module, paths: list[str]) -> bool:
+    names = dict(model.named_modules())
+    return all(p in names for p in paths)
 
 
 def _skip_init_of_ffn_hosts(model: nn.Module, record: Manifest) -> None:
@@ -150,11 +161,6 @@ def _ignore_stored_buffers(model: nn.Module, record: Manifest) -> None:
     transformers recomputes rather than reads: no 'unexpected keys' report for them."""
     patterns = {rf"(^|\.){re.escape(name)}$" for name in record.non_persistent}
     model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | patterns
-
-
-def _has_all(model: nn.Module, paths: list[str]) -> bool:
-    names = dict(model.named_modules())
-    return all(p.rpartition(".")[0] in names for p in paths)
 
 
 def _unmark_quantized(model: PreTrainedModel) -> None:
