@@ -261,8 +261,9 @@ class TokenDataset(torch.utils.data.Dataset):
 
 def train(model, out, *, steps=3, callbacks=(), resume=None, save_steps=None):
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
-                             learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="steps" if save_steps else "no",
-                             save_steps=save_steps or 500, use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
+                             learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                             data_seed=0, disable_tqdm=True, save_strategy="steps" if save_steps else "no",
+                             save_steps=save_steps or 500)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume)
     return trainer

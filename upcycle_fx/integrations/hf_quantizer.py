@@ -152,7 +152,8 @@ def _skip_init_of_ffn_hosts(model: nn.Module, record: Manifest) -> None:
     paths = [r.path for r in record.moe_layers] + list(record.folded)
     for path in {p.rpartition(".")[0] for p in paths}:
         host = model.get_submodule(path)
-        if not any(True for _ in host.parameters(recurse=False)) and not any(True for _ in host.buffers(recurse=False)):
+        own = [*host.parameters(recurse=False), *host.buffers(recurse=False)]
+        if not own:
             host._is_hf_initialized = True
 
 
