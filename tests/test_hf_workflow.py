@@ -227,6 +227,20 @@ def test_training_loss_includes_the_aux_losses_only_in_training():
     assert model(input_ids=ids).loss is None  # no labels: nothing to add to
 
 
+def test_aux_loss_is_weighted_like_a_token_normalised_loss():
+    """Under the Trainer's gradient accumulation the model's loss is a sum over label tokens
+    divided by the accumulated batch's count (`num_items_in_batch`); the aux term gets this
+    forward's share of those tokens (causal LM: each row's first label is no target)."""
+    model = upcycled(llama, aux_loss_weight=0.1).train()
+    ids = tokens(2, 8)
+    accumulated = torch.tensor(3 * 2 * 7)  # as if this were one of three equal micro-batches
+    loss = model(input_ids=ids, labels=ids, num_items_in_batch=accumulated).loss
+    aux = upcycle_fx.aux_loss(model).detach()
+    upcycle_fx.set_aux_loss_in_output(model, False)
+    plain = model(input_ids=ids, labels=ids, num_items_in_batch=accumulated).loss
+    torch.testing.assert_close(loss - plain, aux / 3, rtol=1e-5, atol=1e-7)
+
+
 def test_aux_loss_choice_survives_deepcopy_and_from_pretrained(tmp_path):
     import copy
 
@@ -259,8 +273,9 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def train(model, out, *, steps=3, callbacks=(), resume=None, save_steps=None):
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
+def train(model, out, *, steps=3, callbacks=(), resume=None, save_steps=None, accumulation=1):
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4 // accumulation,
+                             gradient_accumulation_steps=accumulation,
                              learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
                              data_seed=0, disable_tqdm=True, save_strategy="steps" if save_steps else "no",
                              save_steps=save_steps or 500)
@@ -269,18 +284,21 @@ def train(model, out, *, steps=3, callbacks=(), resume=None, save_steps=None):
     return trainer
 
 
-def test_trainer_loss_includes_aux_loss_and_routers_learn(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_loss_includes_aux_loss_and_routers_learn(accumulation, tmp_path):
     model = upcycled(llama, aux_loss_weight=0.1)
     router = model.model.layers[1].mlp.router.weight
     before = router.detach().clone()
-    trainer = train(model, tmp_path / "with", callbacks=[upcycle_fx.MoECallback()])
+    trainer = train(model, tmp_path / "with", callbacks=[upcycle_fx.MoECallback()], accumulation=accumulation)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert not torch.equal(router.detach(), before)
 
     plain = upcycled(llama, aux_loss_weight=0.1)
     upcycle_fx.set_aux_loss_in_output(plain, False)
-    baseline = [e for e in train(plain, tmp_path / "without").state.log_history if "loss" in e]
-    # Same weights, same first batch: the first logged losses differ by exactly the aux loss.
+    baseline = [e for e in train(plain, tmp_path / "without", accumulation=accumulation).state.log_history
+                if "loss" in e]
+    # Same weights, same first batch: the first logged losses differ by exactly the aux loss
+    # (with accumulation: its mean over the micro-batches, which hold equally many tokens).
     first = logged[0]
     assert first["moe/aux_loss"] > 0.05
     assert first["loss"] - baseline[0]["loss"] == pytest.approx(first["moe/aux_loss"], abs=1e-4)

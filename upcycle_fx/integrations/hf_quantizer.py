@@ -30,6 +30,7 @@ from functools import partial
 from typing import Any
 
 from torch import nn
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.modeling_utils import PreTrainedModel
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
@@ -180,9 +181,19 @@ def attach_record(model: nn.Module, record: UpcycleQuantizationConfig | None = N
     if not isinstance(model, PreTrainedModel):
         return
     config = model.config
+    hook = installed_hook(model)
+    if hook is not None:
+        hook.shifts_labels = _shifts_labels(model)
     config.quantization_config = record or UpcycleQuantizationConfig.of(model, _aux_flag(model))
     fusions = dict(getattr(config, "fusion_config", None) or {})
     config.fusion_config = {REFUSAL: True, **fusions}
+
+
+def _shifts_labels(model: PreTrainedModel) -> bool:
+    """Whether the model's loss drops each row's first label, as the Trainer decides it when it
+    counts the label tokens of an accumulated batch."""
+    return (LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+            and not getattr(model.config, "is_encoder_decoder", False))
 
 
 def _aux_flag(model: nn.Module) -> bool:
