@@ -16,6 +16,7 @@ from .exporters.errors import (CheckpointError, CheckpointMismatchError, HFForma
                                MissingShardError, OutputExistsError, TruncatedShardError)
 from .exporters.streaming import ConversionReport, convert_checkpoint
 from .exporters.onnx import OnnxExportError, export_onnx
+from .integrations import aux_loss_in_output, register_with_transformers, set_aux_loss_in_output
 
 __version__ = "0.1.0"
 
@@ -26,12 +27,19 @@ __all__ = [
     "save", "load", "convert_checkpoint", "ConversionReport", "CheckpointError",
     "CheckpointMismatchError", "HFFormatError", "MissingShardError", "OutputExistsError",
     "TruncatedShardError", "export_onnx", "OnnxExportError", "distributed",
+    "set_aux_loss_in_output", "aux_loss_in_output", "MoECallback",
 ]
+
+register_with_transformers()  # from_pretrained of saved upcycled models; transformers stays unimported
 
 
 def __getattr__(name: str):
     """`upcycle_fx.distributed` (FSDP2 + expert parallelism) is imported on first use: it pulls in
     torch.distributed.checkpoint, which single-process users need not pay for."""
+    if name == "MoECallback":  # a transformers.TrainerCallback: imports transformers
+        from .integrations.trainer import MoETrainerCallback
+
+        return MoETrainerCallback
     if name == "distributed":
         import importlib
 

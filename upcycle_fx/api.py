@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import integrations
 from .capture import LeafPolicy, resolve_inputs
 from .config import PatternSpec, UpcycleConfig
 from .errors import NoMLPFoundError
@@ -64,6 +65,7 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_in
     target = model if inplace else copy.deepcopy(model)
     upcycled = upcycle_matches(target, chosen, config)
     error = None if inputs is None else verify_upcycled(reference, upcycled, inputs)
+    integrations.attach(upcycled)  # aux losses in outputs.loss; what save_pretrained must write
     return UpcycleResult(upcycled, mlps, chosen, config, params_before, error)
 
 

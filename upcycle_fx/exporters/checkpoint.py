@@ -9,6 +9,7 @@ built by your own code; its weights are not used).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,6 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..integrations import QUANT_METHOD
 from .errors import CheckpointError
 from .manifest import Manifest, describe, read_manifest, rebuild, write_manifest
 from .pipeline import ModelSource, Unit, units_of, write_checkpoint
@@ -36,6 +38,18 @@ class NativeFormat:
 
     def write_files(self, directory: Path) -> None:
         write_manifest(self.manifest, directory)
+        self._write_hf_config(directory)
+
+    def _write_hf_config(self, directory: Path) -> None:
+        """The `config.json` that `save_pretrained` writes, for an upcycled transformers model: its
+        tensors are stored under the names transformers uses, so `from_pretrained(directory)`
+        loads the native checkpoint too (and refuses without upcycle_fx, as for save_pretrained)."""
+        config = self.manifest.hf_config
+        quantization = (config or {}).get("quantization_config") or {}
+        if quantization.get("quant_method") != QUANT_METHOD:
+            return
+        config = {**config, "architectures": [self.manifest.model_class.rpartition(".")[2]]}
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def check(self, directory: Path) -> None:
         pass

@@ -52,7 +52,8 @@ COPIED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "chunk_size_feed_forward")
 # Fields that describe the file, not the function: replaced by the target's own.
 DROPPED = ("_name_or_path", "architectures", "model_type", "transformers_version", "is_encoder_decoder",
-           "pretraining_tp")  # pretraining_tp: not read by transformers 5 modeling code
+           "pretraining_tp",  # pretraining_tp: not read by transformers 5 modeling code
+           "quantization_config", "fusion_config")  # upcycle_fx's from_pretrained record (hf_quantizer.py)
 # Fields each source family has beyond COPIED, handled below (attention layout).
 HANDLED = {"llama": ("head_dim", "attention_bias", "mlp_bias"), "mistral": ("head_dim", "sliding_window"),
            "qwen2": ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
