@@ -14,6 +14,9 @@ from .report import moe_layers
 from .exporters.checkpoint import load, save
 from .exporters.errors import (CheckpointError, CheckpointMismatchError, HFFormatError,
                                MissingShardError, OutputExistsError, TruncatedShardError)
+from .exporters.errors import (CheckpointDtypeError, CheckpointWriteError, InterruptedReplaceError,
+                               LeftoverOutputWarning, ManifestError, NotACheckpointError,
+                               OutputOverlapsInputError, ShardSizeError, TerminatedDuringWriteError)
 from .exporters.streaming import ConversionReport, convert_checkpoint
 from .exporters.onnx import OnnxExportError, export_onnx
 
@@ -26,6 +29,9 @@ __all__ = [
     "save", "load", "convert_checkpoint", "ConversionReport", "CheckpointError",
     "CheckpointMismatchError", "HFFormatError", "MissingShardError", "OutputExistsError",
     "TruncatedShardError", "export_onnx", "OnnxExportError", "distributed",
+    "CheckpointDtypeError", "CheckpointWriteError", "InterruptedReplaceError", "LeftoverOutputWarning",
+    "ManifestError", "NotACheckpointError", "OutputOverlapsInputError", "ShardSizeError",
+    "TerminatedDuringWriteError",
 ]
 
 
