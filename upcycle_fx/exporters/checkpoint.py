@@ -100,9 +100,10 @@ def load(directory: str | os.PathLike, skeleton: nn.Module | None = None, *,
     reader = CheckpointReader(directory)
     if skeleton is None:
         model = rebuild(manifest, _hf_skeleton(manifest, directory), example_inputs=example_inputs,
-                        leaf_modules=leaf_modules, inplace=True)
+                        leaf_modules=leaf_modules, inplace=True, where=str(directory))
     else:
-        model = rebuild(manifest, skeleton, example_inputs=example_inputs, leaf_modules=leaf_modules)
+        model = rebuild(manifest, skeleton, example_inputs=example_inputs, leaf_modules=leaf_modules,
+                        where=str(directory))
     check_stored(model, {name: (info.shape, info.dtype) for name, info in reader.tensors.items()},
                  manifest.aliases, where=str(directory))
     tensors = reader.read(reader.tensors, aligned=True)
@@ -136,6 +137,11 @@ def _require_checkpoint_directory(directory: Path) -> None:
 
 def _hf_skeleton(manifest: Manifest, directory: Path) -> nn.Module:
     """The dense transformers model of the manifest, on the meta device (no initialisation)."""
+    if manifest.hf_config is None and manifest.model_class.startswith("transformers."):
+        raise ManifestError(
+            f"{directory / 'upcycle_fx.json'}: model_class is {manifest.model_class} but hf_config is "
+            "missing, so the model cannot be rebuilt; the file is damaged: restore it, or pass the dense "
+            "skeleton, upcycle_fx.load(dir, AutoModelForCausalLM.from_config(...)).")
     if manifest.hf_config is None:
         raise CheckpointError(
             f"{directory} holds a {manifest.model_class}, which is not a transformers model: pass its "
@@ -143,7 +149,7 @@ def _hf_skeleton(manifest: Manifest, directory: Path) -> nn.Module:
     import importlib
 
     module_name, _, class_name = manifest.model_class.rpartition(".")
-    if not module_name.startswith("transformers."):
+    if module_name != "transformers" and not module_name.startswith("transformers."):
         raise CheckpointError(f"{directory}: model class {manifest.model_class} is not from transformers; "
                               "pass its dense skeleton to upcycle_fx.load.")
     try:

@@ -10,6 +10,7 @@ indices, checks that the same MoE layers come out, and only then puts the weight
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import types
 import typing
@@ -90,10 +91,13 @@ class Manifest:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as error:
             raise ManifestError(f"{where}: not valid JSON ({error}); the checkpoint is damaged.") from error
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else _json_type(data)
-            raise ManifestError(f"{where}: format {found!r} is not {FORMAT!r}; this file was not written by "
-                                "upcycle_fx.save, or is damaged.")
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: the top level is {_json_type(data)}, not an object; this file was "
+                                "not written by upcycle_fx.save, or is damaged: save the model again.")
+        if data.get("format") != FORMAT:
+            found = f"format {data['format']!r}" if "format" in data else "no \"format\" key"
+            raise ManifestError(f"{where}: {found}, not {FORMAT!r}; this file was not written by "
+                                "upcycle_fx.save, or is damaged: save the model again.")
         version = data.get("format_version", FORMAT_VERSION)
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             recorded = data.get("versions")
@@ -105,7 +109,7 @@ class Manifest:
             manifest = _record(cls, data, "")
             _check_values(manifest)
         except _Invalid as error:
-            raise ManifestError(f"{where}: {error}. The file is damaged or was not written by this "
+            raise ManifestError(f"{where}: {str(error).rstrip('.')}. The file is damaged or was not written by this "
                                 "upcycle_fx; restore it, or save the model again.") from None
         return manifest
 
@@ -179,6 +183,8 @@ def _record(cls: type, data: Any, where: str) -> Any:
 
 def _check_values(manifest: "Manifest") -> None:
     """Values the types allow but this version cannot mean (unknown names, out of range)."""
+    if manifest.format_version < 1:
+        raise _Invalid(f"format_version={manifest.format_version} must be >= 1")
     if "." not in manifest.model_class:
         raise _Invalid(f"model_class {manifest.model_class!r} is not a qualified class name (module.Class)")
     seen_paths, seen_indices = set(), set()
@@ -191,9 +197,10 @@ def _check_values(manifest: "Manifest") -> None:
         for name in ("num_experts", "d_model", "d_ff"):
             if getattr(record, name) < 1:
                 raise _Invalid(f"{where}: {name}={getattr(record, name)} must be >= 1")
-        if record.mlp_index < 0 or not 0.0 <= record.hidden_dropout < 1.0:
-            raise _Invalid(f"{where}: mlp_index={record.mlp_index} must be >= 0 and hidden_dropout="
-                           f"{record.hidden_dropout} in [0, 1)")
+        if record.mlp_index < 0:
+            raise _Invalid(f"{where}: mlp_index={record.mlp_index} must be >= 0")
+        if not 0.0 <= record.hidden_dropout < 1.0:
+            raise _Invalid(f"{where}: hidden_dropout={record.hidden_dropout} must be in [0, 1)")
         if record.path in seen_paths or record.mlp_index in seen_indices:
             raise _Invalid(f"{where}: a second MoE layer at the same path or FFN index")
         seen_paths.add(record.path)
@@ -213,11 +220,9 @@ def versions() -> dict[str, str]:
     from .. import __version__
 
     found = {"upcycle_fx": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
-    try:
-        import transformers
-
-        found["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - plain-torch installs
+    try:  # from the installed metadata: saving a plain torch model need not import transformers
+        found["transformers"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - plain-torch installs
         pass
     return found
 
@@ -269,9 +274,11 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def rebuild(manifest: Manifest, skeleton: nn.Module, *, example_inputs: Any = None,
-            leaf_modules=(), inplace: bool = False) -> nn.Module:
+            leaf_modules=(), inplace: bool = False, where: str = "") -> nn.Module:
     """Rewrite the dense `skeleton` as the manifest says; raise CheckpointMismatchError if it
-    does not give the saved model's MoE layers. Weights are not touched (they are loaded next)."""
+    does not give the saved model's MoE layers (`where`: the checkpoint, for the message).
+    Weights are not touched (they are loaded next)."""
+    prefix = f"{where}: " if where else ""
     records = manifest.moe_layers
     if not records:
         return skeleton if inplace else copy.deepcopy(skeleton)
@@ -286,8 +293,13 @@ def rebuild(manifest: Manifest, skeleton: nn.Module, *, example_inputs: Any = No
                         leaf_modules=leaf_modules, verify=False).model
     except UpcycleError as error:
         raise CheckpointMismatchError(
-            f"{type(skeleton).__name__}: the skeleton could not be rewritten as the saved model was "
+            f"{prefix}{type(skeleton).__name__}: the skeleton could not be rewritten as the saved model was "
             f"({type(error).__name__}: {error}). Pass the dense model the checkpoint was made from.") from error
+    except Exception as error:  # the skeleton's own forward (run to capture it) failed
+        raise CheckpointMismatchError(
+            f"{prefix}{type(skeleton).__name__}: running the skeleton to rewrite it failed ({type(error).__name__}: "
+            f"{error}). Pass the dense model the checkpoint was made from (with example_inputs if it needs "
+            "them); for a Hugging Face model, the recorded hf_config may be damaged.") from error
     found = dict(moe_layers(model))
     problems = [f"no MoE at {r.path} (FFN #{r.mlp_index})" for r in records if r.path not in found]
     problems += [f"an MoE at {path} that the checkpoint does not have" for path in found
@@ -301,7 +313,7 @@ def rebuild(manifest: Manifest, skeleton: nn.Module, *, example_inputs: Any = No
                  if not isinstance(_submodule(model, path), fx.GraphModule)]
     if problems:
         raise CheckpointMismatchError(
-            f"{type(skeleton).__name__}: rewriting the skeleton does not give the saved model: "
+            f"{prefix}{type(skeleton).__name__}: rewriting the skeleton does not give the saved model: "
             + "; ".join(problems[:6]) + ". Pass the dense model the checkpoint was made from.")
     model.train(manifest.training)
     for path in manifest.other_mode:

@@ -80,7 +80,7 @@ def read_index(path: Path) -> dict[str, str]:
     except (ValueError, UnicodeDecodeError) as error:
         raise damaged(f"not valid JSON ({error})") from error
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
-        found = type(data).__name__ if not isinstance(data, dict) else f"keys {sorted(data)[:5]}"
+        found = json.dumps(data)[:60] if not isinstance(data, dict) else f"keys {sorted(data)[:5]}"
         raise damaged(f'the top level must be an object with a "weight_map" object; found {found}')
     weight_map = data["weight_map"]
     bad = [f"{name!r}: {file!r}" for name, file in weight_map.items()

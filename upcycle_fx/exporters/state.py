@@ -109,6 +109,11 @@ def check_stored(model: nn.Module, stored: Mapping[str, tuple[tuple[int, ...], t
     model's kind of number (floating point, integer, bool) for every tensor, and for parameters
     one floating-point type throughout (plus float32, which mixed-precision models keep for some
     layers). CheckpointMismatchError / CheckpointDtypeError name what does not fit."""
+    dangling = sorted(f"{alias} -> {name}" for alias, name in aliases.items() if name not in stored)
+    if dangling:
+        raise CheckpointMismatchError(f"{where}: {len(dangling)} tied tensor(s) refer to tensors the file does "
+                                      f"not have: {', '.join(dangling[:6])}. The manifest's aliases do not "
+                                      "belong to these weights; restore the checkpoint or save the model again.")
     missing, wrong_shape, wrong_kind, used = [], [], [], set()
     parameters: dict[str, torch.dtype] = {}
     for name, _, _, current, is_param, _ in _slots(model):
