@@ -115,6 +115,16 @@ def test_overwrite_swaps_in_one_step(saved, monkeypatch):
     assert _experts_in(saved) == 3 and _hidden(saved.parent) == []
 
 
+def test_failed_exchange_changes_nothing(saved, monkeypatch):
+    def failing_exchange(a, b):
+        raise OSError(errno.EIO, "injected failure", str(a), None, str(b))
+
+    monkeypatch.setattr(atomic, "exchange", failing_exchange)
+    with pytest.raises(CheckpointWriteError, match="injected failure"):
+        upcycle_fx.save(_model(3), saved, overwrite=True)
+    assert _experts_in(saved) == 2 and _hidden(saved.parent) == []
+
+
 def _crash_between_renames(saved: Path, new_model: torch.nn.Module) -> tuple[Path, Path]:
     """The state a process killed between the two renames of an overwrite leaves: the old model
     aside, the complete new one still in staging, nothing at the target."""

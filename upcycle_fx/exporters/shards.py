@@ -24,8 +24,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from .atomic import write_error
-from .errors import (CheckpointDtypeError, CheckpointError, CheckpointMismatchError, CheckpointWriteError, ManifestError,
-                     MissingShardError, ShardSizeError, TruncatedShardError)
+from .errors import (CheckpointDtypeError, CheckpointError, CheckpointMismatchError, CheckpointWriteError,
+                     ManifestError, MissingShardError, ShardSizeError, TruncatedShardError)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
