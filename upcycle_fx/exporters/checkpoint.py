@@ -87,10 +87,10 @@ def load(directory: str | os.PathLike, skeleton: nn.Module | None = None, *,
     they are rebuilt from the recorded config. `example_inputs` / `leaf_modules`: as given to
     `rewrite` when the model needed them to be captured.
 
-    Every level is checked before the model is built or data is read: the manifest's structure,
-    types and values (ManifestError), the index and shard headers (ManifestError,
-    MissingShardError, TruncatedShardError), then names, shapes and dtypes against the rebuilt
-    model (CheckpointMismatchError, CheckpointDtypeError). A path that is not a native
+    Every level is checked before any tensor data is read: first, before the model is built, the
+    manifest's structure, types and values (ManifestError), the index and shard headers
+    (ManifestError, MissingShardError, TruncatedShardError); then names, shapes and dtypes
+    against the rebuilt model (CheckpointMismatchError, CheckpointDtypeError). A path that is not a native
     checkpoint is a NotACheckpointError; a model a killed `save(..., overwrite=True)` left
     aside is an InterruptedReplaceError.
     """

@@ -1,8 +1,8 @@
 """Sharded safetensors checkpoints: reading one tensor group at a time, writing to a shard plan.
 
 Reading: `CheckpointReader` resolves `model.safetensors` or `model.safetensors.index.json`,
-checks every shard before anything is converted (missing file, truncated file, index that names
-tensors a shard lacks) and reads tensors by name, opening a shard only for the duration of one
+checks every shard before anything is converted (an index of another structure, missing file,
+truncated file, index that names tensors a shard lacks) and reads tensors by name, opening a shard only for the duration of one
 read so that its memory map does not stay resident.
 
 Writing: `ShardWriter` is given the whole list of output tensors (name, shape, dtype) first, so
