@@ -7,8 +7,8 @@ import json
 import pytest
 
 import upcycle_fx
-from upcycle_fx import (CheckpointError, CheckpointMismatchError, MissingShardError, OutputExistsError,
-                        TruncatedShardError, UpcycleConfig)
+from upcycle_fx import (CheckpointError, CheckpointMismatchError, MissingShardError, NotACheckpointError,
+                        OutputExistsError, TruncatedShardError, UpcycleConfig)
 from upcycle_fx.exporters.checkpoint import NativeFormat
 from upcycle_fx.exporters.manifest import describe
 from upcycle_fx.exporters.pipeline import ModelSource, units_of, write_checkpoint
@@ -177,7 +177,7 @@ def test_newer_format_version_is_refused(tmp_path):
 
 
 def test_not_a_native_checkpoint(sharded):
-    with pytest.raises(CheckpointError, match="not an upcycle_fx checkpoint.*AutoModelForCausalLM"):
+    with pytest.raises(NotACheckpointError, match="not an upcycle_fx checkpoint.*AutoModelForCausalLM"):
         upcycle_fx.load(sharded)
 
 

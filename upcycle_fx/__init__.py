@@ -14,6 +14,9 @@ from .report import moe_layers
 from .exporters.checkpoint import load, save
 from .exporters.errors import (CheckpointError, CheckpointMismatchError, HFFormatError,
                                MissingShardError, OutputExistsError, TruncatedShardError)
+from .exporters.errors import (CheckpointDtypeError, CheckpointWriteError, InterruptedReplaceError,
+                               LeftoverOutputWarning, ManifestError, NotACheckpointError,
+                               OutputOverlapsInputError, ShardSizeError, TerminatedDuringWriteError)
 from .exporters.streaming import ConversionReport, convert_checkpoint
 from .exporters.onnx import OnnxExportError, export_onnx
 from .integrations import aux_loss_in_output, register_with_transformers, set_aux_loss_in_output
@@ -28,6 +31,9 @@ __all__ = [
     "CheckpointMismatchError", "HFFormatError", "MissingShardError", "OutputExistsError",
     "TruncatedShardError", "export_onnx", "OnnxExportError", "distributed",
     "set_aux_loss_in_output", "aux_loss_in_output", "MoECallback",
+    "CheckpointDtypeError", "CheckpointWriteError", "InterruptedReplaceError", "LeftoverOutputWarning",
+    "ManifestError", "NotACheckpointError", "OutputOverlapsInputError", "ShardSizeError",
+    "TerminatedDuringWriteError",
 ]
 
 register_with_transformers()  # from_pretrained of saved upcycled models; transformers stays unimported

@@ -19,10 +19,12 @@ from torch import nn
 
 from ..integrations import QUANT_METHOD
 from .errors import CheckpointError
+from .atomic import interrupted_replacement, leftovers
+from .errors import CheckpointError, InterruptedReplaceError, ManifestError, NotACheckpointError
 from .manifest import Manifest, describe, read_manifest, rebuild, write_manifest
 from .pipeline import ModelSource, Unit, units_of, write_checkpoint
 from .shards import CheckpointReader, Progress, parse_size
-from .state import TensorTable, assign_state, storable, tensor_table
+from .state import TensorTable, assign_state, check_stored, storable, tensor_table
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
 
@@ -99,22 +101,62 @@ def load(directory: str | os.PathLike, skeleton: nn.Module | None = None, *,
     matter, its weights are ignored and it is not modified). Not needed for Hugging Face models:
     they are rebuilt from the recorded config. `example_inputs` / `leaf_modules`: as given to
     `rewrite` when the model needed them to be captured.
+
+    Every level is checked before any tensor data is read: first, before the model is built, the
+    manifest's structure, types and values (ManifestError), the index and shard headers
+    (ManifestError, MissingShardError, TruncatedShardError); then names, shapes and dtypes
+    against the rebuilt model (CheckpointMismatchError, CheckpointDtypeError). A path that is not a native
+    checkpoint is a NotACheckpointError; a model a killed `save(..., overwrite=True)` left
+    aside is an InterruptedReplaceError.
     """
     directory = Path(directory)
+    _require_checkpoint_directory(directory)
     manifest = read_manifest(directory)
     reader = CheckpointReader(directory)
     if skeleton is None:
         model = rebuild(manifest, _hf_skeleton(manifest, directory), example_inputs=example_inputs,
-                        leaf_modules=leaf_modules, inplace=True)
+                        leaf_modules=leaf_modules, inplace=True, where=str(directory))
     else:
-        model = rebuild(manifest, skeleton, example_inputs=example_inputs, leaf_modules=leaf_modules)
+        model = rebuild(manifest, skeleton, example_inputs=example_inputs, leaf_modules=leaf_modules,
+                        where=str(directory))
+    check_stored(model, {name: (info.shape, info.dtype) for name, info in reader.tensors.items()},
+                 manifest.aliases, where=str(directory))
     tensors = reader.read(reader.tensors, aligned=True)
     assign_state(model, tensors, manifest.aliases, where=str(directory))
     return model
 
 
+def _require_checkpoint_directory(directory: Path) -> None:
+    """NotACheckpointError for a path that cannot be a native checkpoint (missing, a file, an
+    empty directory); InterruptedReplaceError when a killed overwrite left the model aside."""
+    aside = interrupted_replacement(directory.absolute())
+    if aside is not None:
+        raise InterruptedReplaceError(
+            f"{directory} has no model: a process replacing it (save or convert with overwrite=True) was "
+            f"killed after moving the previous model aside. That model is complete in {aside}: call "
+            f"upcycle_fx.exporters.atomic.recover({str(directory)!r}) (any later write to {directory} "
+            "does so too), or rename it back.")
+    unfinished = [left.path.name for left in leftovers(directory.absolute()) if left.stale]
+    note = (f" A write to it was interrupted ({unfinished[0]} beside it is unfinished; the next write "
+            "there removes it): write the checkpoint again." if unfinished else "")
+    if not directory.exists():
+        raise NotACheckpointError(f"{directory} does not exist.{note}")
+    if not directory.is_dir():
+        hint = (" For a bare safetensors file use safetensors.torch.load_file."
+                if directory.suffix == ".safetensors" else "")
+        raise NotACheckpointError(f"{directory} is a file; upcycle_fx.load takes the directory that "
+                                  f"upcycle_fx.save wrote.{hint}")
+    if not any(directory.iterdir()):
+        raise NotACheckpointError(f"{directory} is an empty directory, not an upcycle_fx checkpoint.{note}")
+
+
 def _hf_skeleton(manifest: Manifest, directory: Path) -> nn.Module:
     """The dense transformers model of the manifest, on the meta device (no initialisation)."""
+    if manifest.hf_config is None and manifest.model_class.startswith("transformers."):
+        raise ManifestError(
+            f"{directory / 'upcycle_fx.json'}: model_class is {manifest.model_class} but hf_config is "
+            "missing, so the model cannot be rebuilt; the file is damaged: restore it, or pass the dense "
+            "skeleton, upcycle_fx.load(dir, AutoModelForCausalLM.from_config(...)).")
     if manifest.hf_config is None:
         raise CheckpointError(
             f"{directory} holds a {manifest.model_class}, which is not a transformers model: pass its "
@@ -122,7 +164,7 @@ def _hf_skeleton(manifest: Manifest, directory: Path) -> nn.Module:
     import importlib
 
     module_name, _, class_name = manifest.model_class.rpartition(".")
-    if not module_name.startswith("transformers."):
+    if module_name != "transformers" and not module_name.startswith("transformers."):
         raise CheckpointError(f"{directory}: model class {manifest.model_class} is not from transformers; "
                               "pass its dense skeleton to upcycle_fx.load.")
     try:
@@ -131,8 +173,14 @@ def _hf_skeleton(manifest: Manifest, directory: Path) -> nn.Module:
         raise CheckpointError(f"{directory}: {manifest.model_class} does not exist in this transformers "
                               f"({error}); install the version recorded in upcycle_fx.json: "
                               f"{manifest.versions.get('transformers')}.") from error
-    config = cls.config_class.from_dict(dict(manifest.hf_config))
-    if manifest.attn_implementation is not None:
-        config._attn_implementation = manifest.attn_implementation
-    with torch.device("meta"):
-        return cls(config)
+    try:
+        config = cls.config_class.from_dict(dict(manifest.hf_config))
+        if manifest.attn_implementation is not None:
+            config._attn_implementation = manifest.attn_implementation
+        with torch.device("meta"):
+            return cls(config)
+    except Exception as error:  # transformers raises many kinds for a config it cannot use
+        raise ManifestError(
+            f"{directory / 'upcycle_fx.json'}: hf_config does not build a {class_name} "
+            f"({type(error).__name__}: {error}). The file is damaged, or was written with transformers "
+            f"{manifest.versions.get('transformers')}: restore it, or install that version.") from error

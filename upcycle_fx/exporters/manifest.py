@@ -10,8 +10,11 @@ indices, checks that the same MoE layers come out, and only then puts the weight
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,11 @@ from torch import fx, nn
 from ..config import UpcycleConfig
 from ..errors import UpcycleError
 from ..moe import MoE, MoESettings, Router
+from ..moe.dispatch import IMPLEMENTATIONS
 from ..moe.experts import Experts
 from ..passes import FoldedIntoMoE
 from ..report import moe_layers
-from .errors import CheckpointError, CheckpointMismatchError
+from .errors import CheckpointMismatchError, ManifestError, NotACheckpointError
 from .state import TensorTable
 
 FILENAME = "upcycle_fx.json"
@@ -81,21 +85,131 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "Manifest":
+        """The manifest in `text`, checked level by level against this class (JSON types, keys,
+        known values) before anything is built: a ManifestError names the first problem."""
         try:
             data = json.loads(text)
-        except ValueError as error:
-            raise CheckpointError(f"{where}: not valid JSON ({error}); the checkpoint is damaged.") from error
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ManifestError(f"{where}: not valid JSON ({error}); the checkpoint is damaged.") from error
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: the top level is {_json_type(data)}, not an object; this file was "
+                                "not written by upcycle_fx.save, or is damaged: save the model again.")
         if data.get("format") != FORMAT:
-            raise CheckpointError(f"{where}: format {data.get('format')!r} is not {FORMAT!r}.")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            written_by = data.get("versions", {}).get("upcycle_fx", "a newer version")
-            raise CheckpointError(f"{where}: written by upcycle_fx {written_by} in format version "
-                                  f"{data['format_version']}; this upcycle_fx reads up to "
-                                  f"{FORMAT_VERSION}. Upgrade upcycle_fx to load it.")
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        data["moe_layers"] = [MoERecord(**record) for record in data.get("moe_layers", [])]
-        return cls(**data)
+            found = f"format {data['format']!r}" if "format" in data else "no \"format\" key"
+            raise ManifestError(f"{where}: {found}, not {FORMAT!r}; this file was not written by "
+                                "upcycle_fx.save, or is damaged: save the model again.")
+        version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            recorded = data.get("versions")
+            written_by = recorded.get("upcycle_fx") if isinstance(recorded, dict) else None
+            raise ManifestError(f"{where}: written by upcycle_fx {written_by or 'a newer version'} in format "
+                                f"version {version}; this upcycle_fx reads up to {FORMAT_VERSION}. "
+                                "Upgrade upcycle_fx to load it.")
+        try:
+            manifest = _record(cls, data, "")
+            _check_values(manifest)
+        except _Invalid as error:
+            raise ManifestError(f"{where}: {str(error).rstrip('.')}. The file is damaged or was not written by this "
+                                "upcycle_fx; restore it, or save the model again.") from None
+        return manifest
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Invalid(Exception):
+    """A value of the manifest that does not fit its schema (the message names where)."""
+
+
+def _json_type(value: Any) -> str:
+    kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    text = json.dumps(value) if not isinstance(value, (list, dict)) else ""
+    return kinds.get(type(value), type(value).__name__) + (f" ({text[:40]})" if text else "")
+
+
+def _expected(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _expected(a) for a in typing.get_args(hint))
+    if origin is list or origin is dict:
+        return {list: "a list", dict: "an object"}[origin]
+    return names.get(hint, "an object" if is_dataclass(hint) else str(hint))
+
+
+def _conform(value: Any, hint: Any, where: str) -> Any:
+    """`value` (parsed JSON) as the annotated type `hint`; _Invalid naming `where` otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _conform(value, hint, where)
+    if is_dataclass(hint):
+        return _record(hint, value, where)
+    if origin is list and isinstance(value, list):
+        return [_conform(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {key: _conform(item, args[1], f"{where}[{key!r}]") for key, item in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise _Invalid(f"{where} is {_json_type(value)}; expected {_expected(hint)}")
+
+
+def _record(cls: type, data: Any, where: str) -> Any:
+    """An instance of the dataclass `cls` from a JSON object: every key known, every required
+    key present, every value of its annotated type."""
+    label = where or "the top level"
+    if not isinstance(data, dict):
+        raise _Invalid(f"{label} is {_json_type(data)}; expected an object")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise _Invalid(f"{label} has unknown key(s) {unknown} (known: {sorted(known)}; a newer upcycle_fx "
+                       "may have written it)")
+    missing = [name for name, f in known.items()
+               if name not in data and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise _Invalid(f"{label} lacks the key(s) {missing}")
+    prefix = f"{where}." if where else ""
+    return cls(**{key: _conform(value, hints[key], prefix + key) for key, value in data.items()})
+
+
+def _check_values(manifest: "Manifest") -> None:
+    """Values the types allow but this version cannot mean (unknown names, out of range)."""
+    if manifest.format_version < 1:
+        raise _Invalid(f"format_version={manifest.format_version} must be >= 1")
+    if "." not in manifest.model_class:
+        raise _Invalid(f"model_class {manifest.model_class!r} is not a qualified class name (module.Class)")
+    seen_paths, seen_indices = set(), set()
+    for i, record in enumerate(manifest.moe_layers):
+        where = f"moe_layers[{i}] ({record.path})"
+        record.settings = asdict(_record(MoESettings, record.settings, f"moe_layers[{i}].settings"))
+        if record.dispatch_impl not in IMPLEMENTATIONS:
+            raise _Invalid(f"{where}: dispatch_impl {record.dispatch_impl!r} is unknown; this upcycle_fx "
+                           f"has {IMPLEMENTATIONS}")
+        for name in ("num_experts", "d_model", "d_ff"):
+            if getattr(record, name) < 1:
+                raise _Invalid(f"{where}: {name}={getattr(record, name)} must be >= 1")
+        if record.mlp_index < 0:
+            raise _Invalid(f"{where}: mlp_index={record.mlp_index} must be >= 0")
+        if not 0.0 <= record.hidden_dropout < 1.0:
+            raise _Invalid(f"{where}: hidden_dropout={record.hidden_dropout} must be in [0, 1)")
+        if record.path in seen_paths or record.mlp_index in seen_indices:
+            raise _Invalid(f"{where}: a second MoE layer at the same path or FFN index")
+        seen_paths.add(record.path)
+        seen_indices.add(record.mlp_index)
+        shared = {k: v for k, v in record.settings.items() if k in {f.name for f in fields(UpcycleConfig)}}
+        try:
+            UpcycleConfig(num_experts=record.num_experts, **shared)
+        except UpcycleError as error:
+            raise _Invalid(f"{where}: settings {error}") from None
 
 
 def versions() -> dict[str, str]:
@@ -106,11 +220,9 @@ def versions() -> dict[str, str]:
     from .. import __version__
 
     found = {"upcycle_fx": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__}
-    try:
-        import transformers
-
-        found["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - plain-torch installs
+    try:  # from the installed metadata: saving a plain torch model need not import transformers
+        found["transformers"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - plain-torch installs
         pass
     return found
 
@@ -146,17 +258,27 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         hint = (" It looks like a Hugging Face checkpoint: load it with transformers "
                 "(AutoModelForCausalLM.from_pretrained)." if (directory / "config.json").is_file() else "")
-        raise CheckpointError(f"{directory}: no {FILENAME}, so this is not an upcycle_fx checkpoint.{hint}")
-    return Manifest.from_json(path.read_text(), str(path))
+        found = sorted(p.name for p in directory.iterdir())
+        listing = f" It holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}." if not hint else ""
+        raise NotACheckpointError(f"{directory}: no {FILENAME}, so this is not an upcycle_fx checkpoint.{hint}"
+                                  f"{listing} upcycle_fx.load reads directories written by upcycle_fx.save; "
+                                  "upcycle a Hugging Face model with upcycle_fx.convert_checkpoint(dir, out).")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{path}: cannot be read as text ({error}); the checkpoint is damaged.") from error
+    return Manifest.from_json(text, str(path))
 
 
 # --------------------------------------------------------------------------- rebuilding
 
 
 def rebuild(manifest: Manifest, skeleton: nn.Module, *, example_inputs: Any = None,
-            leaf_modules=(), inplace: bool = False) -> nn.Module:
+            leaf_modules=(), inplace: bool = False, where: str = "") -> nn.Module:
     """Rewrite the dense `skeleton` as the manifest says; raise CheckpointMismatchError if it
-    does not give the saved model's MoE layers. Weights are not touched (they are loaded next)."""
+    does not give the saved model's MoE layers (`where`: the checkpoint, for the message).
+    Weights are not touched (they are loaded next)."""
+    prefix = f"{where}: " if where else ""
     records = manifest.moe_layers
     if not records:
         return skeleton if inplace else copy.deepcopy(skeleton)
@@ -171,8 +293,13 @@ def rebuild(manifest: Manifest, skeleton: nn.Module, *, example_inputs: Any = No
                         leaf_modules=leaf_modules, verify=False).model
     except UpcycleError as error:
         raise CheckpointMismatchError(
-            f"{type(skeleton).__name__}: the skeleton could not be rewritten as the saved model was "
+            f"{prefix}{type(skeleton).__name__}: the skeleton could not be rewritten as the saved model was "
             f"({type(error).__name__}: {error}). Pass the dense model the checkpoint was made from.") from error
+    except Exception as error:  # the skeleton's own forward (run to capture it) failed
+        raise CheckpointMismatchError(
+            f"{prefix}{type(skeleton).__name__}: running the skeleton to rewrite it failed ({type(error).__name__}: "
+            f"{error}). Pass the dense model the checkpoint was made from (with example_inputs if it needs "
+            "them); for a Hugging Face model, the recorded hf_config may be damaged.") from error
     found = dict(moe_layers(model))
     problems = [f"no MoE at {r.path} (FFN #{r.mlp_index})" for r in records if r.path not in found]
     problems += [f"an MoE at {path} that the checkpoint does not have" for path in found
@@ -186,7 +313,7 @@ def rebuild(manifest: Manifest, skeleton: nn.Module, *, example_inputs: Any = No
                  if not isinstance(_submodule(model, path), fx.GraphModule)]
     if problems:
         raise CheckpointMismatchError(
-            f"{type(skeleton).__name__}: rewriting the skeleton does not give the saved model: "
+            f"{prefix}{type(skeleton).__name__}: rewriting the skeleton does not give the saved model: "
             + "; ".join(problems[:6]) + ". Pass the dense model the checkpoint was made from.")
     model.train(manifest.training)
     for path in manifest.other_mode:
@@ -215,10 +342,6 @@ def _restore_layer(moe: MoE, record: MoERecord) -> list[str]:
                               activation_name=e.activation_name, up_bias=record.up_bias,
                               down_bias=record.down_bias, device="meta")
         moe.router = Router(e.d_model, record.num_experts, device="meta", generator=torch.Generator())
-    unknown = set(record.settings) - {f.name for f in fields(MoESettings)}
-    if unknown:
-        return [f"{record.path} has routing settings {sorted(unknown)} this upcycle_fx does not know "
-                "(saved by a newer version?)"]
     moe.experts.hidden_dropout = record.hidden_dropout
     moe.settings = MoESettings(**record.settings)
     moe.dispatch_impl, moe.source = record.dispatch_impl, record.source

@@ -1,8 +1,8 @@
 """Sharded safetensors checkpoints: reading one tensor group at a time, writing to a shard plan.
 
 Reading: `CheckpointReader` resolves `model.safetensors` or `model.safetensors.index.json`,
-checks every shard before anything is converted (missing file, truncated file, index that names
-tensors a shard lacks) and reads tensors by name, opening a shard only for the duration of one
+checks every shard before anything is converted (an index of another structure, missing file,
+truncated file, index that names tensors a shard lacks) and reads tensors by name, opening a shard only for the duration of one
 read so that its memory map does not stay resident.
 
 Writing: `ShardWriter` is given the whole list of output tensors (name, shape, dtype) first, so
@@ -13,15 +13,19 @@ are held at a time. One file and no index for a single shard, Hugging Face namin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import CheckpointError, CheckpointMismatchError, MissingShardError, TruncatedShardError
+from .atomic import write_error
+from .errors import (CheckpointDtypeError, CheckpointError, CheckpointMismatchError, CheckpointWriteError,
+                     ManifestError, MissingShardError, ShardSizeError, TruncatedShardError)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -63,6 +67,32 @@ def _safetensors():
     return safetensors
 
 
+def read_index(path: Path) -> dict[str, str]:
+    """The weight map of a safetensors index (`{"weight_map": {tensor: shard file}}`), checked:
+    a ManifestError names what is wrong (not JSON, another structure, a shard outside the
+    directory)."""
+    def damaged(problem: str) -> ManifestError:
+        return ManifestError(f"{path}: {problem}, so it is not a safetensors index; restore it from "
+                             "the original checkpoint (or save the model again).")
+
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise damaged(f"not valid JSON ({error})") from error
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        found = json.dumps(data)[:60] if not isinstance(data, dict) else f"keys {sorted(data)[:5]}"
+        raise damaged(f'the top level must be an object with a "weight_map" object; found {found}')
+    weight_map = data["weight_map"]
+    bad = [f"{name!r}: {file!r}" for name, file in weight_map.items()
+           if not isinstance(file, str) or not file.endswith(".safetensors") or Path(file).name != file]
+    if bad:
+        raise damaged(f"weight_map entries must name .safetensors files in the same directory; "
+                      f"found {', '.join(bad[:3])}")
+    if not weight_map:
+        raise damaged("weight_map is empty")
+    return weight_map
+
+
 class CheckpointReader:
     """The safetensors weights of one directory, validated up front."""
 
@@ -78,11 +108,7 @@ class CheckpointReader:
     def _shard_files(self) -> list[str]:
         index = self.directory / SAFE_INDEX
         if index.is_file():
-            try:
-                self.weight_map: dict[str, str] | None = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as error:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({error}); restore it "
-                                      "from the original checkpoint.") from error
+            self.weight_map: dict[str, str] | None = read_index(index)
             files = sorted(set(self.weight_map.values()))
             absent = [f for f in files if not (self.directory / f).is_file()]
             if absent:
@@ -108,9 +134,11 @@ class CheckpointReader:
                     sliced = handle.get_slice(name)
                     dtype = _DTYPES.get(sliced.get_dtype())
                     if dtype is None:
-                        raise CheckpointError(f"{path}: tensor {name} has dtype {sliced.get_dtype()}, "
-                                              "which upcycle_fx does not convert.")
+                        raise CheckpointDtypeError(f"{path}: tensor {name} has dtype {sliced.get_dtype()}, "
+                                                   "which upcycle_fx does not convert.")
                     self.tensors[name] = TensorInfo(file, tuple(sliced.get_shape()), dtype)
+        except OSError as error:
+            raise CheckpointError(f"cannot read {path}: {error}; check that the file is readable.") from error
         except safetensors.SafetensorError as error:
             raise TruncatedShardError(
                 f"{path} ({path.stat().st_size:,} bytes) is not a complete safetensors file: {error}. "
@@ -205,12 +233,27 @@ def plan_shards(groups: Sequence[Sequence[tuple[str, int]]], max_bytes: int) -> 
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "2GB" / "500MB" (decimal units, as transformers)."""
-    if isinstance(size, int):
-        return size
-    from transformers.utils.hub import convert_file_size_to_int
+    """Bytes from a positive int or a string such as "2GB" / "500MB" / "4GiB" (units as
+    transformers reads them); anything else is a ShardSizeError."""
+    usage = ('give max_shard_size as a positive number of bytes or a string such as "2GB", "500MB" '
+             'or "4GiB" (a whole number and a unit)')
+    if isinstance(size, str):
+        try:
+            from transformers.utils.hub import convert_file_size_to_int
 
-    return convert_file_size_to_int(size)
+            value = convert_file_size_to_int(size.strip())
+        except ImportError as error:
+            raise ShardSizeError(f"max_shard_size={size!r}: reading units needs transformers; "
+                                 "give a number of bytes instead.") from error
+        except (ValueError, TypeError) as error:
+            raise ShardSizeError(f"max_shard_size={size!r} is not a size; {usage}.") from error
+    elif isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        raise ShardSizeError(f"max_shard_size={size!r} ({type(size).__name__}) is not a size; {usage}.")
+    if value <= 0:
+        raise ShardSizeError(f"max_shard_size={size!r} is {value} bytes; {usage}.")
+    return value
 
 
 class ShardWriter:
@@ -239,6 +282,7 @@ class ShardWriter:
         self.added: set[str] = set()
         self.metadata = {"format": "pt", **(metadata or {})}
         self.progress = progress or Progress()
+        _check_free_space(directory, self.total_bytes)
         self.progress.start(len(self.expected), count, self.total_bytes)
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -257,8 +301,12 @@ class ShardWriter:
     def _flush(self, index: int) -> None:
         tensors = self.pending.pop(index)
         ordered = {name: tensors[name].contiguous() for name in self.plan[index]}
-        _safetensors().torch.save_file(ordered, str(self.directory / self.filenames[index]),
-                                       metadata=self.metadata)
+        path = self.directory / self.filenames[index]
+        safetensors = _safetensors()
+        try:
+            safetensors.torch.save_file(ordered, str(path), metadata=self.metadata)
+        except (OSError, safetensors.SafetensorError) as error:
+            raise write_error(error, path) from error
         self.progress.shard(self.filenames[index])
 
     def close(self) -> None:
@@ -270,4 +318,20 @@ class ShardWriter:
         if len(self.plan) > 1:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {name: self.filenames[i] for name, i in self.shard_of.items()}}
-            (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            path = self.directory / SAFE_INDEX
+            try:
+                path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            except OSError as error:
+                raise write_error(error, path) from error
+
+
+def _check_free_space(directory: Path, nbytes: int) -> None:
+    """CheckpointWriteError before anything is written when the disk cannot hold `nbytes` more."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:  # a file system that does not say: find out by writing
+        return
+    if free < nbytes:
+        raise CheckpointWriteError(
+            errno.ENOSPC, f"{directory.parent} has {free:,} bytes free and the checkpoint needs {nbytes:,}; free "
+            "space there or write to another disk. Nothing was written.")

@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import CheckpointMismatchError
+from .errors import CheckpointDtypeError, CheckpointMismatchError
 
 
 @dataclass
@@ -100,6 +100,68 @@ def assign_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], aliases:
     unused = sorted(set(tensors) - set(made))
     if missing or wrong_shape or unused:
         raise CheckpointMismatchError(_mismatch(where, missing, unused, wrong_shape))
+
+
+def check_stored(model: nn.Module, stored: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 aliases: Mapping[str, str], *, where: str) -> None:
+    """Before any data is read: the stored tensors (name -> shape and dtype, from the file
+    headers) must be exactly the model's, of its shapes, and of dtypes it can compute with: the
+    model's kind of number (floating point, integer, bool) for every tensor, and for parameters
+    one floating-point type throughout (plus float32, which mixed-precision models keep for some
+    layers). CheckpointMismatchError / CheckpointDtypeError name what does not fit."""
+    dangling = sorted(f"{alias} -> {name}" for alias, name in aliases.items() if name not in stored)
+    if dangling:
+        raise CheckpointMismatchError(f"{where}: {len(dangling)} tied tensor(s) refer to tensors the file does "
+                                      f"not have: {', '.join(dangling[:6])}. The manifest's aliases do not "
+                                      "belong to these weights; restore the checkpoint or save the model again.")
+    missing, wrong_shape, wrong_kind, used = [], [], [], set()
+    parameters: dict[str, torch.dtype] = {}
+    for name, _, _, current, is_param, _ in _slots(model):
+        canonical = aliases.get(name, name)
+        if canonical not in stored:
+            missing.append(name)
+            continue
+        used.add(canonical)
+        shape, dtype = stored[canonical]
+        if tuple(shape) != tuple(current.shape):
+            wrong_shape.append(f"{name}: file {tuple(shape)}, model {tuple(current.shape)}")
+        elif _kind(dtype) != _kind(current.dtype):
+            wrong_kind.append(f"{canonical}: file {dtype}, model {current.dtype}")
+        elif is_param:
+            parameters[canonical] = dtype
+    unused = sorted(set(stored) - used)
+    if missing or wrong_shape or unused:
+        raise CheckpointMismatchError(_mismatch(where, missing, unused, wrong_shape))
+    if wrong_kind:
+        raise CheckpointDtypeError(f"{where}: {len(wrong_kind)} tensor(s) hold another kind of number than the "
+                                   f"model: {', '.join(wrong_kind[:6])}. The file was altered or damaged; "
+                                   "restore it or save the model again.")
+    _check_float_types(parameters, where)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating point"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _check_float_types(parameters: Mapping[str, torch.dtype], where: str) -> None:
+    counts: dict[torch.dtype, int] = {}
+    for dtype in parameters.values():
+        if dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + 1
+    if not counts:
+        return
+    main = max(counts, key=counts.get)
+    foreign = [f"{name} ({dtype})" for name, dtype in parameters.items()
+               if dtype.is_floating_point and dtype not in (main, torch.float32)]
+    if foreign:
+        raise CheckpointDtypeError(
+            f"{where}: the parameters are {main}, but {len(foreign)} are stored in another floating-point "
+            f"type: {', '.join(foreign[:6])}. The model could not compute with them; the file was altered "
+            "or damaged: restore it or save the model again.")
 
 
 def _mismatch(where: str, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
