@@ -79,10 +79,10 @@ def make_optimizer(case: Case, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def step_loss(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(task + aux loss, aux loss) of one forward on `ids`."""
+    """(task + aux loss, aux loss) of one forward on `ids`: in training mode `outputs.loss` already
+    holds the aux losses."""
     out = model(input_ids=ids, labels=ids)
-    aux = upcycle_fx.aux_loss(model)
-    return out.loss + aux, aux
+    return out.loss, upcycle_fx.aux_loss(model)
 
 
 def loads(model: torch.nn.Module) -> list[list[int]]:

@@ -12,6 +12,7 @@ from helpers import build
 
 
 def _lm_loss(model, inputs):
+    """`outputs.loss` of a transformers model: in training mode it already holds the aux losses."""
     out = model(**inputs, labels=inputs["input_ids"])
     return out.loss
 
@@ -19,11 +20,11 @@ def _lm_loss(model, inputs):
 @pytest.mark.parametrize("routing", ["top_k", "expert_choice"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "phi3"])
 def test_gradients_reach_every_expert_and_router(name, routing):
-    """backward(loss + aux_loss) gives finite grads to all expert and router parameters,
+    """backward(outputs.loss), which holds the aux losses, gives finite grads to all expert and router parameters,
     non-zero for every router (it learns through the routing weights)."""
     model = upcycle_fx.rewrite(build(name), routing=routing, z_loss_weight=1e-3, seed=0).train()
     inputs = ZOO[name].inputs(4, 16)
-    loss = _lm_loss(model, inputs) + upcycle_fx.aux_loss(model)
+    loss = _lm_loss(model, inputs)
     loss.backward()
     for path, moe in upcycle_fx.moe_layers(model):
         for pname, param in moe.named_parameters():
@@ -68,10 +69,9 @@ def test_training_lowers_the_loss(name):
 
     def loss_fn():
         if ZOO[name].requires == "transformers":
-            task = _lm_loss(model, inputs)
-        else:  # hand-written models return logits
-            logits = model(**inputs)[:, :-1].flatten(0, 1)
-            task = torch.nn.functional.cross_entropy(logits, inputs["input_ids"][:, 1:].flatten())
+            return _lm_loss(model, inputs)
+        logits = model(**inputs)[:, :-1].flatten(0, 1)  # hand-written models return logits
+        task = torch.nn.functional.cross_entropy(logits, inputs["input_ids"][:, 1:].flatten())
         return task + upcycle_fx.aux_loss(model)
 
     losses = []

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..integrations import QUANT_METHOD
-from .errors import CheckpointError
 from .atomic import interrupted_replacement, leftovers
 from .errors import CheckpointError, InterruptedReplaceError, ManifestError, NotACheckpointError
 from .manifest import Manifest, describe, read_manifest, rebuild, write_manifest
