@@ -26,6 +26,7 @@ SAMPLE_SENTENCES = (
     "Every other feed-forward block becomes a router with eight experts.",
 )
 NATIVE_MANIFEST = "upcycle_fx.json"
+UPCYCLED_QUANT_METHOD = "upcycle_fx"  # config.json quantization_config.quant_method of our outputs
 # config.json fields by which transformers' MoE architectures give their expert count.
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -61,13 +62,13 @@ def model_directory(path: str | os.PathLike | None = None) -> pathlib.Path:
     if not directory.is_dir():
         raise ModelSourceError(f"{directory} is a file; MODEL must be the directory that holds "
                                "config.json and the weights")
+    if (directory / NATIVE_MANIFEST).is_file():
+        raise ModelSourceError(
+            f"{directory} is an upcycle_fx checkpoint (already MoE): load it with "
+            "upcycle_fx.load, or write it in a stock format with `upcycle-fx convert "
+            f"{directory} OUT --format hf`")
     config_file = directory / "config.json"
     if not config_file.is_file():
-        if (directory / NATIVE_MANIFEST).is_file():
-            raise ModelSourceError(
-                f"{directory} is an upcycle_fx checkpoint (already MoE): load it with "
-                "upcycle_fx.load, or write it in a stock format with `upcycle-fx convert "
-                f"{directory} OUT --format hf`")
         raise ModelSourceError(f"{directory}: no config.json here; MODEL must be a local Hugging "
                                "Face model directory (downloading is not supported)")
     try:
@@ -80,6 +81,12 @@ def model_directory(path: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def _refuse_moe(directory: pathlib.Path, config: dict) -> None:
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == UPCYCLED_QUANT_METHOD:
+        raise ModelSourceError(
+            f"{directory} holds a model upcycled by upcycle_fx already (save_pretrained output); "
+            "load it with transformers' from_pretrained after `import upcycle_fx`, or pass the "
+            "dense model it came from")
     experts = {key: config[key] for key in EXPERT_COUNT_FIELDS
                if isinstance(config.get(key), int) and config[key] > 1}
     if experts:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from rich.text import Text
 
 from ..errors import UpcycleError
+from ..exporters.errors import CheckpointWriteError, TerminatedDuringWriteError
 from .commands import Outcome, cmd_convert, cmd_export_onnx, cmd_inspect, cmd_rewrite
 from .display import console
 from .errors import CheckFailedError, Terminated
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
         except KeyboardInterrupt:
             return _interrupted(args.outcome, EXIT_SIGINT)
-        except Terminated:
+        except (Terminated, TerminatedDuringWriteError):
             return _interrupted(args.outcome, EXIT_SIGTERM)
-        except CheckFailedError as error:
+        except (CheckFailedError, CheckpointWriteError) as error:  # failures, not usage errors
             return _fail(error, EXIT_FAILED)
         except UpcycleError as error:
             return _fail(error, EXIT_USAGE)
