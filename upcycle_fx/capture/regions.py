@@ -114,21 +114,47 @@ def holds_projections(module: nn.Module) -> bool:
     return count >= 2
 
 
-def record_module_inputs(model: nn.Module, inputs: ModelInputs) -> dict[str, ModelInputs]:
-    """Run the model once and keep the (args, kwargs) of every module's first call."""
+@dataclass
+class ExampleRun:
+    """What one example forward showed: each module's first (args, kwargs) and its call count."""
+
+    inputs: dict[str, ModelInputs]
+    calls: Counter
+
+
+def record_module_inputs(model: nn.Module, inputs: ModelInputs) -> ExampleRun:
+    """Run the model once and keep the (args, kwargs) of every module's first call and how many
+    times each module was called; CaptureError naming the innermost running module if the
+    forward fails (example inputs of the wrong shape, dtype or device)."""
     seen: dict[str, ModelInputs] = {}
+    calls: Counter = Counter()
+    running: list[str] = []
     handles = []
     for path, module in model.named_modules():
-        def hook(mod, args, kwargs, path=path):
+        def pre_hook(mod, args, kwargs, path=path):
             seen.setdefault(path, ModelInputs(tuple(args), dict(kwargs)))
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            calls[path] += 1
+            running.append(path)
+
+        def post_hook(mod, args, output, path=path):
+            running.pop()
+
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook))
     try:
         with torch.no_grad():
             inputs.call(model)
+    except Exception as error:  # noqa: BLE001 - named with the module that failed
+        where = running[-1] if running else ""
+        module = model.get_submodule(where)
+        raise CaptureError(
+            f"{type(model).__name__}: the forward on example_inputs fails in "
+            f"{where or '<model>'} ({type(module).__name__}): {_reason(error)}. Pass inputs of "
+            "the shape, dtype and device the model takes, as for one ordinary forward call.") from error
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return ExampleRun(seen, calls)
 
 
 def _reason(error: Exception) -> str:
@@ -154,7 +180,8 @@ def capture(model: nn.Module, example_inputs: Any = None,
                 "pass example_inputs= (a tensor, tuple or dict for one forward call) so that "
                 "capture can follow the data, or mark the failing module with leaf_modules=.") from error
         failures = [("", _reason(error))]
-    recorded = record_module_inputs(model, inputs)
+    run = record_module_inputs(model, inputs)
+    recorded = run.inputs
     regions: list[CapturedRegion] = []
 
     def descend(module: nn.Module, prefix: str) -> None:
@@ -172,6 +199,9 @@ def capture(model: nn.Module, example_inputs: Any = None,
                 descend(child, path)
 
     descend(model, "")
+    for region in regions:  # a module shared between regions is called once in each trace
+        for path in region.call_counts:
+            region.call_counts[path] = max(region.call_counts[path], run.calls[path])
     if not regions:
         where = "; ".join(f"{p or '<model>'}: {r}" for p, r in failures[:4])
         raise CaptureError(f"{type(model).__name__}: no region holding projection layers could be "
