@@ -7,6 +7,7 @@ model the pass cannot see into fails loudly, never silently.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -116,10 +117,11 @@ def holds_projections(module: nn.Module) -> bool:
 
 @dataclass
 class ExampleRun:
-    """What one example forward showed: each module's first (args, kwargs) and its call count."""
+    """What one example forward showed: each module's first (args, kwargs) and how many times
+    each module object was called (by identity: a module shared by two blocks has two paths)."""
 
     inputs: dict[str, ModelInputs]
-    calls: Counter
+    calls: Counter  # id(module) -> calls
 
 
 def record_module_inputs(model: nn.Module, inputs: ModelInputs) -> ExampleRun:
@@ -133,7 +135,7 @@ def record_module_inputs(model: nn.Module, inputs: ModelInputs) -> ExampleRun:
     for path, module in model.named_modules():
         def pre_hook(mod, args, kwargs, path=path):
             seen.setdefault(path, ModelInputs(tuple(args), dict(kwargs)))
-            calls[path] += 1
+            calls[id(mod)] += 1
             running.append(path)
 
         def post_hook(mod, args, output, path=path):
@@ -200,8 +202,10 @@ def capture(model: nn.Module, example_inputs: Any = None,
 
     descend(model, "")
     for region in regions:  # a module shared between regions is called once in each trace
-        for path in region.call_counts:
-            region.call_counts[path] = max(region.call_counts[path], run.calls[path])
+        for path in list(region.call_counts):
+            with contextlib.suppress(AttributeError):
+                calls = run.calls[id(model.get_submodule(path))]
+                region.call_counts[path] = max(region.call_counts[path], calls)
     if not regions:
         where = "; ".join(f"{p or '<model>'}: {r}" for p, r in failures[:4])
         raise CaptureError(f"{type(model).__name__}: no region holding projection layers could be "
