@@ -123,7 +123,8 @@ def synthesize_inputs(model: nn.Module, captured, batch: int = _BATCH,
                       seq: int = _DECODER_SEQ) -> ModelInputs | None:
     """Inputs for a plain module captured symbolically, read off the first module each input
     reaches: token ids below `num_embeddings` for an `nn.Embedding`, a float [batch, seq, d]
-    tensor (the layer's dtype and device) for a Linear or a norm over d. None when an input
+    tensor (the layer's dtype and device) for a Linear or a norm over d, images of the
+    size the model declares (timm) for a Conv2d. None when an input
     has no such first consumer, or the model does not run on the guess."""
     if captured is None or len(captured.regions) != 1 or captured.regions[0].prefix or captured.regions[0].inner:
         return None
@@ -134,7 +135,7 @@ def synthesize_inputs(model: nn.Module, captured, batch: int = _BATCH,
         if node.args:  # a parameter with a default value: keep the default
             break
         module = _first_module_user(node, region.root)
-        tensor = None if module is None else _input_for(module, (batch, seq), generator)
+        tensor = None if module is None else _input_for(module, (batch, seq), generator, model)
         if tensor is None:
             return None
         args.append(tensor)
@@ -158,10 +159,17 @@ def _first_module_user(node, root: nn.Module) -> nn.Module | None:
     return None
 
 
-def _input_for(module: nn.Module, shape: tuple[int, int], generator: torch.Generator):
+def _input_for(module: nn.Module, shape: tuple[int, int], generator: torch.Generator,
+               model: nn.Module):
     weight = next(iter(module.parameters()), None)
     if weight is None:
         return None
+    if isinstance(module, nn.Conv2d):
+        size = _declared_image_size(model)
+        if size is None:
+            return None
+        return torch.randn(shape[0], module.in_channels, *size, generator=generator).to(
+            weight.device, weight.dtype)
     if isinstance(module, nn.Embedding):
         return torch.randint(0, module.num_embeddings, shape, generator=generator).to(weight.device)
     if isinstance(module, nn.Linear):
@@ -171,3 +179,17 @@ def _input_for(module: nn.Module, shape: tuple[int, int], generator: torch.Gener
     else:
         return None
     return torch.randn(*shape, width, generator=generator).to(weight.device, weight.dtype)
+
+
+def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """(height, width) a vision model declares: timm's `patch_embed.img_size` (what the model
+    was built for), else its `pretrained_cfg["input_size"]`."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size", (None,))[1:] if isinstance(cfg, dict) else None
+    if isinstance(size, int):
+        size = (size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return tuple(size)
+    return None
