@@ -4,6 +4,7 @@ UpcycleConfigError naming the argument, raised before the model is traced or cop
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -118,11 +119,19 @@ class _Block(nn.Module):
         return x + self.down(self.act(self.up(x)))
 
 
-def test_example_inputs_of_the_wrong_shape_name_the_failing_module():
-    model = nn.Sequential(_Block(), _Block())
-    with pytest.raises(CaptureError, match=r"Sequential: the forward on example_inputs fails in "
-                                           r"0\.up \(Linear\).*shape"):
-        upcycle_fx.rewrite(model, example_inputs=torch.randn(2, 5, 7))
+@pytest.mark.parametrize("model, inputs, where", [
+    (lambda: nn.Sequential(_Block(), _Block()), torch.randn(2, 5, 7), r"Sequential: .* fails in 0\.up \(Linear\).*shape"),
+    (lambda: build("hw-swiglu"), torch.randn(2, 5, 7), r"SwiGLUModel: .* fails in embed \(Embedding\).*Long"),
+    (lambda: build("hw-swiglu"), torch.randint(0, 1000, (2, 5)), r"SwiGLUModel: .* fails in embed \(Embedding\).*index"),
+    (lambda: build("llama"), {"input_ids": torch.randn(2, 3)}, r"LlamaForCausalLM: .* fails in model\.embed_tokens"),
+], ids=["regions", "traceable-float-ids", "traceable-ids-out-of-range", "hf"])
+def test_example_inputs_the_model_cannot_take_name_the_failing_module(model, inputs, where):
+    """Whether the model traces whole or by region: a CaptureError naming the innermost module
+    that failed, and what to pass instead (a traceable model used to trace on without its
+    example values and fail later with the model's own exception)."""
+    with pytest.raises(CaptureError, match=r"the forward on example_inputs fails in") as info:
+        upcycle_fx.rewrite(model(), "all", example_inputs=inputs)
+    assert re.search(where, str(info.value)) and "Pass inputs of the shape, dtype and device" in str(info.value)
 
 
 def test_too_many_experts_for_the_memory_is_refused_before_allocating(monkeypatch):

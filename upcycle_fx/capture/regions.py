@@ -168,21 +168,36 @@ def capture(model: nn.Module, example_inputs: Any = None,
             leaf_policy: LeafPolicy | None = None) -> Capture:
     """Capture `model` as one graph, or (with inputs) as the smallest regions that trace.
 
-    Descending into regions needs inputs: the example forward shows which modules are really
-    called through their own `forward` (a parent may call a child's submodules directly, and
-    a region traced on its own would then describe code that never runs).
+    With inputs, the model first runs once on them: inputs it cannot take are a CaptureError
+    naming the failing module (not a trace that silently loses its shadow values), and the
+    run counts each module's calls (a module shared between regions is called once in each
+    region's trace). Descending into regions needs this run too: it shows which modules are
+    really called through their own `forward` (a parent may call a child's submodules
+    directly, and a region traced on its own would then describe code that never runs).
     """
     inputs = resolve_inputs(model, example_inputs)
+    run = None if inputs is None else record_module_inputs(model, inputs)
     try:
-        return Capture([trace_region(model, "", inputs, leaf_policy)])
+        captured = Capture([trace_region(model, "", inputs, leaf_policy)])
     except Exception as error:  # noqa: BLE001 - any trace failure sends us one level down
         if inputs is None:
             raise CaptureError(
                 f"{type(model).__name__}: torch.fx cannot trace it symbolically ({_reason(error)}); "
                 "pass example_inputs= (a tensor, tuple or dict for one forward call) so that "
                 "capture can follow the data, or mark the failing module with leaf_modules=.") from error
-        failures = [("", _reason(error))]
-    run = record_module_inputs(model, inputs)
+        captured = _capture_regions(model, run, leaf_policy, [("", _reason(error))])
+    if run is not None:
+        for region in captured.regions:
+            for path in list(region.call_counts):
+                with contextlib.suppress(AttributeError):
+                    calls = run.calls[id(model.get_submodule(path))]
+                    region.call_counts[path] = max(region.call_counts[path], calls)
+    return captured
+
+
+def _capture_regions(model: nn.Module, run: ExampleRun, leaf_policy: LeafPolicy | None,
+                     failures: list[tuple[str, str]]) -> Capture:
+    """The smallest modules holding projections that trace, each with its recorded inputs."""
     recorded = run.inputs
     regions: list[CapturedRegion] = []
 
@@ -201,11 +216,6 @@ def capture(model: nn.Module, example_inputs: Any = None,
                 descend(child, path)
 
     descend(model, "")
-    for region in regions:  # a module shared between regions is called once in each trace
-        for path in list(region.call_counts):
-            with contextlib.suppress(AttributeError):
-                calls = run.calls[id(model.get_submodule(path))]
-                region.call_counts[path] = max(region.call_counts[path], calls)
     if not regions:
         where = "; ".join(f"{p or '<model>'}: {r}" for p, r in failures[:4])
         raise CaptureError(f"{type(model).__name__}: no region holding projection layers could be "
