@@ -168,7 +168,8 @@ def capture(model: nn.Module, example_inputs: Any = None,
             leaf_policy: LeafPolicy | None = None) -> Capture:
     """Capture `model` as one graph, or (with inputs) as the smallest regions that trace.
 
-    With inputs, the model first runs once on them: inputs it cannot take are a CaptureError
+    With inputs, the model first runs once on them (unless its weights are on the meta device:
+    a skeleton has nothing to run on): inputs it cannot take are a CaptureError
     naming the failing module (not a trace that silently loses its shadow values), and the
     run counts each module's calls (a module shared between regions is called once in each
     region's trace). Descending into regions needs this run too: it shows which modules are
@@ -176,7 +177,8 @@ def capture(model: nn.Module, example_inputs: Any = None,
     directly, and a region traced on its own would then describe code that never runs).
     """
     inputs = resolve_inputs(model, example_inputs)
-    run = None if inputs is None else record_module_inputs(model, inputs)
+    on_meta = any(p.is_meta for p in model.parameters())  # a skeleton: no data to run on
+    run = None if inputs is None or on_meta else record_module_inputs(model, inputs)
     try:
         captured = Capture([trace_region(model, "", inputs, leaf_policy)])
     except Exception as error:  # noqa: BLE001 - any trace failure sends us one level down
@@ -185,6 +187,7 @@ def capture(model: nn.Module, example_inputs: Any = None,
                 f"{type(model).__name__}: torch.fx cannot trace it symbolically ({_reason(error)}); "
                 "pass example_inputs= (a tensor, tuple or dict for one forward call) so that "
                 "capture can follow the data, or mark the failing module with leaf_modules=.") from error
+        run = run or record_module_inputs(model, inputs)
         captured = _capture_regions(model, run, leaf_policy, [("", _reason(error))])
     if run is not None:
         for region in captured.regions:
