@@ -129,3 +129,44 @@ def test_inline_ffn_in_mode_dependent_code_is_refused():
     model = nn.Sequential(*[ModeDependentInline() for _ in range(2)]).eval()
     with pytest.raises(RewriteError, match=r"^1: its forward depends on self.training"):
         upcycle_fx.rewrite(model)
+
+
+class _SharedFFNBlock(nn.Module):
+    """A block calling an FFN module that another block calls too (tied weights)."""
+
+    def __init__(self, mlp: nn.Module, split: bool):
+        super().__init__()
+        self.mlp, self.split = mlp, split
+
+    def forward(self, x):
+        if self.split:  # iterating over a tensor's rows: the model does not trace whole
+            x = torch.stack([row for row in x])
+        return x + self.mlp(x)
+
+
+class _TiedFFNModel(nn.Module):
+    def __init__(self, split: bool):
+        super().__init__()
+        shared = MLP()
+        self.blocks = nn.ModuleList([_SharedFFNBlock(shared, split), _SharedFFNBlock(shared, split),
+                                     _SharedFFNBlock(MLP(), split)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole-model", "regions"])
+def test_a_shared_ffn_module_is_refused_in_whole_and_region_capture(split):
+    """The FFN called by two blocks is a near miss (its copies cannot become independent
+    experts) whichever way the model is captured; only the unshared FFN is converted."""
+    model = _TiedFFNModel(split)
+    x = torch.randn(2, 5, 8)
+    found = upcycle_fx.find_mlps(model, example_inputs=(x,))
+    assert [p for p, _ in found.capture_failures][:1] == ([""] if split else [])
+    assert [m.paths for m in found] == [("blocks.2.mlp.up", "blocks.2.mlp.down")]
+    assert any("called 2 times (shared weights)" in miss.reason for miss in found.near_misses)
+    sparse = upcycle_fx.rewrite(model, "all", example_inputs=(x,))
+    assert [name for name, _ in upcycle_fx.moe_layers(sparse)] == ["blocks.2.mlp"]
+    assert sparse.blocks[0].mlp is sparse.blocks[1].mlp  # still tied

@@ -203,3 +203,80 @@ def test_new_layers_keep_the_mode_of_what_they_replace(name):
     assert max_error(dense, sparse, name) <= FUNCTION_TOLERANCE
     dense.train()
     assert all(m.training for _, m in upcycle_fx.moe_layers(upcycle_fx.rewrite(dense)))
+
+
+class _CountingNormBlock(torch.nn.Module):
+    """BatchNorm (train mode updates running statistics), a call counter buffer, an FFN and a
+    data-dependent branch (capture needs the example values)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(d)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        if h.abs().max() > 1e6:
+            h = h.clamp(-1e6, 1e6)
+        return x + self.mlp(h)
+
+
+class _Unsplittable(torch.nn.Module):
+    """Fails whole-model capture (a Python loop over a tensor's rows): captured by region."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_CountingNormBlock(), _CountingNormBlock()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return torch.stack([row for row in x])
+
+
+def _state_of(model):
+    """Everything a run could change: tensors, modes, grad flags, hooks."""
+    return ({k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+            [(n, m.training, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+def _assert_same_state(model, state):
+    tensors, modules, grads = _state_of(model)
+    assert tensors.keys() == state[0].keys()
+    changed = [k for k in tensors if not torch.equal(tensors[k], state[0][k])]
+    assert not changed, f"changed by the rewrite: {changed}"
+    assert modules == state[1] and grads == state[2]
+
+
+@pytest.mark.parametrize("cls", [lambda: torch.nn.Sequential(_CountingNormBlock(), _CountingNormBlock()),
+                                 _Unsplittable], ids=["whole", "regions"])
+def test_running_the_input_leaves_it_as_found(cls):
+    """Capture (shadow values or the example forward) and verification run the input model:
+    BatchNorm statistics, call counters, mixed train/eval modes, frozen parameters and hooks
+    are all as before; the rewrite is still verified."""
+    dense = cls().train()
+    dense.get_submodule(next(n for n, m in dense.named_modules() if isinstance(m, torch.nn.GELU))).eval()
+    next(dense.parameters()).requires_grad_(False)
+    dense.register_forward_hook(lambda module, args, output: None)
+    state = _state_of(dense)
+    result = upcycle_fx.upcycle(dense, upcycle_fx.UpcycleConfig(pattern="all", router_init_std=1.0),
+                                example_inputs=torch.randn(2, 5, 8))
+    _assert_same_state(dense, state)
+    assert result.verified_error is not None and result.verified_error <= FUNCTION_TOLERANCE
+    assert len(upcycle_fx.moe_layers(result.model)) == 2
+
+
+def test_hugging_face_model_and_config_are_left_as_found():
+    """An HF model in train mode: state, modes and its config (every field, including
+    `_attn_implementation`) are unchanged by find_mlps and rewrite."""
+    dense = build("llama").train()
+    config_before = dense.config.to_dict()
+    attn = dense.config._attn_implementation
+    state = _state_of(dense)
+    upcycle_fx.find_mlps(dense)
+    upcycle_fx.rewrite(dense)
+    _assert_same_state(dense, state)
+    assert dense.config.to_dict() == config_before and dense.config._attn_implementation == attn

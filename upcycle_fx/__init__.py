@@ -3,14 +3,13 @@
     moe_model = upcycle_fx.rewrite(model, pattern="every_other_mlp", num_experts=8, top_k=2)
 """
 
-from .api import UpcycleResult, aux_loss, find_mlps, rewrite, upcycle
+from .api import UpcycleResult, aux_loss, find_mlps, moe_layers, rewrite, upcycle
 from .config import UpcycleConfig
-from .errors import (CaptureError, NoMLPFoundError, NoMLPSelectedError, RewriteError,
-                     UpcycleConfigError, UpcycleError)
+from .errors import (AlreadyMoEError, CaptureError, NoMLPFoundError, NoMLPSelectedError,
+                     RewriteError, UpcycleConfigError, UpcycleError)
 from .moe import MoE
 from .passes import FoldedIntoMoE, MLPMatch
 from .patterns import register_activation
-from .report import moe_layers
 from .exporters.checkpoint import load, save
 from .exporters.errors import (CheckpointError, CheckpointMismatchError, HFFormatError,
                                MissingShardError, OutputExistsError, TruncatedShardError)
@@ -26,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "rewrite", "upcycle", "find_mlps", "moe_layers", "aux_loss", "UpcycleConfig", "UpcycleResult",
     "MoE", "MLPMatch", "FoldedIntoMoE", "register_activation", "UpcycleError", "UpcycleConfigError",
-    "CaptureError", "NoMLPFoundError", "NoMLPSelectedError", "RewriteError", "__version__",
+    "CaptureError", "AlreadyMoEError", "NoMLPFoundError", "NoMLPSelectedError", "RewriteError", "__version__",
     "save", "load", "convert_checkpoint", "ConversionReport", "CheckpointError",
     "CheckpointMismatchError", "HFFormatError", "MissingShardError", "OutputExistsError",
     "TruncatedShardError", "export_onnx", "OnnxExportError", "distributed",

@@ -25,3 +25,7 @@ class NoMLPSelectedError(UpcycleError):
 
 class RewriteError(UpcycleError):
     """A selected FFN was found but cannot be replaced by an MoE without changing the model."""
+
+
+class AlreadyMoEError(UpcycleError):
+    """The input is already a Mixture-of-Experts model (Mixtral, Qwen2-MoE, an upcycled model...)."""

@@ -1,8 +1,10 @@
-"""Example inputs: the user's, or ones built from a Hugging Face model's own config."""
+"""Example inputs: the user's, ones built from a Hugging Face model's own config, or (for
+verification only) ones built from the first layer a plain module's inputs reach."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError
+from ..errors import CaptureError, UpcycleConfigError
 
 _SEED = 0
 _BATCH, _SEQ, _DECODER_SEQ = 2, 8, 5
@@ -36,11 +38,26 @@ def is_hf_model(model: nn.Module) -> bool:
                for c in type(model).__mro__)
 
 
+def check_example_inputs(example_inputs: Any) -> None:
+    """UpcycleConfigError unless `example_inputs` is None, a tensor, a tuple/list of positional
+    args or a mapping of keyword args (a tokenizer's BatchEncoding too) holding a tensor."""
+    if example_inputs is None:
+        return
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list, Mapping, ModelInputs)):
+        raise UpcycleConfigError(
+            f"example_inputs of type {type(example_inputs).__name__} is not understood: pass a "
+            "tensor, a tuple of positional arguments, or a dict of keyword arguments for one "
+            "forward call.")
+    if not as_model_inputs(example_inputs).tensors():
+        raise UpcycleConfigError("example_inputs holds no tensor: pass the tensors of one forward "
+                                 "call (a tensor, a tuple of positional arguments, or a dict).")
+
+
 def as_model_inputs(example_inputs: Any) -> ModelInputs:
     """Accept a tensor, a tuple/list of positional args, a dict of kwargs, or ModelInputs."""
     if isinstance(example_inputs, ModelInputs):
         return example_inputs
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):
         return ModelInputs((), dict(example_inputs))
     if isinstance(example_inputs, (tuple, list)):
         return ModelInputs(tuple(example_inputs), {})
@@ -100,3 +117,79 @@ def _token_ids(config, shape: tuple[int, int], generator: torch.Generator) -> to
         raise CaptureError("the model's config has no usable vocab_size; pass example_inputs=.")
     low = min(4, vocab - 1)  # skip the usual special-token ids
     return torch.randint(low, vocab, shape, generator=generator)
+
+
+def synthesize_inputs(model: nn.Module, captured, batch: int = _BATCH,
+                      seq: int = _DECODER_SEQ) -> ModelInputs | None:
+    """Inputs for a plain module captured symbolically, read off the first module each input
+    reaches: token ids below `num_embeddings` for an `nn.Embedding`, a float [batch, seq, d]
+    tensor (the layer's dtype and device) for a Linear or a norm over d, images of the
+    size the model declares (timm) for a Conv2d. None when an input
+    has no such first consumer, or the model does not run on the guess."""
+    if captured is None or len(captured.regions) != 1 or captured.regions[0].prefix or captured.regions[0].inner:
+        return None
+    region = captured.regions[0]
+    generator = torch.Generator().manual_seed(_SEED)
+    args = []
+    for node in [n for n in region.graph.nodes if n.op == "placeholder"]:
+        if node.args:  # a parameter with a default value: keep the default
+            break
+        module = _first_module_user(node, region.root)
+        tensor = None if module is None else _input_for(module, (batch, seq), generator, model)
+        if tensor is None:
+            return None
+        args.append(tensor)
+    inputs = ModelInputs(tuple(args))
+    from .snapshot import left_as_found
+
+    try:
+        with left_as_found(model), torch.no_grad():
+            inputs.call(model.eval())
+    except Exception:  # noqa: BLE001 - a wrong guess means "no inputs", not an error
+        return None
+    return inputs
+
+
+def _first_module_user(node, root: nn.Module) -> nn.Module | None:
+    """The module of the first call_module node the placeholder reaches directly."""
+    users = sorted(node.users, key=lambda n: n.meta.get("order", 0))
+    for user in users:
+        if user.op == "call_module" and user.args and user.args[0] is node:
+            return root.get_submodule(user.target)
+    return None
+
+
+def _input_for(module: nn.Module, shape: tuple[int, int], generator: torch.Generator,
+               model: nn.Module):
+    weight = next(iter(module.parameters()), None)
+    if weight is None:
+        return None
+    if isinstance(module, nn.Conv2d):
+        size = _declared_image_size(model)
+        if size is None:
+            return None
+        return torch.randn(shape[0], module.in_channels, *size, generator=generator).to(
+            weight.device, weight.dtype)
+    if isinstance(module, nn.Embedding):
+        return torch.randint(0, module.num_embeddings, shape, generator=generator).to(weight.device)
+    if isinstance(module, nn.Linear):
+        width = module.in_features
+    elif isinstance(getattr(module, "normalized_shape", None), tuple) and len(module.normalized_shape) == 1:
+        width = module.normalized_shape[0]
+    else:
+        return None
+    return torch.randn(*shape, width, generator=generator).to(weight.device, weight.dtype)
+
+
+def _declared_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """(height, width) a vision model declares: timm's `patch_embed.img_size` (what the model
+    was built for), else its `pretrained_cfg["input_size"]`."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size", (None,))[1:] if isinstance(cfg, dict) else None
+    if isinstance(size, int):
+        size = (size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return tuple(size)
+    return None

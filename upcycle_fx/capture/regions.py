@@ -7,6 +7,7 @@ model the pass cannot see into fails loudly, never silently.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -114,21 +115,48 @@ def holds_projections(module: nn.Module) -> bool:
     return count >= 2
 
 
-def record_module_inputs(model: nn.Module, inputs: ModelInputs) -> dict[str, ModelInputs]:
-    """Run the model once and keep the (args, kwargs) of every module's first call."""
+@dataclass
+class ExampleRun:
+    """What one example forward showed: each module's first (args, kwargs) and how many times
+    each module object was called (by identity: a module shared by two blocks has two paths)."""
+
+    inputs: dict[str, ModelInputs]
+    calls: Counter  # id(module) -> calls
+
+
+def record_module_inputs(model: nn.Module, inputs: ModelInputs) -> ExampleRun:
+    """Run the model once and keep the (args, kwargs) of every module's first call and how many
+    times each module was called; CaptureError naming the innermost running module if the
+    forward fails (example inputs of the wrong shape, dtype or device)."""
     seen: dict[str, ModelInputs] = {}
+    calls: Counter = Counter()
+    running: list[str] = []
     handles = []
     for path, module in model.named_modules():
-        def hook(mod, args, kwargs, path=path):
+        def pre_hook(mod, args, kwargs, path=path):
             seen.setdefault(path, ModelInputs(tuple(args), dict(kwargs)))
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            calls[id(mod)] += 1
+            running.append(path)
+
+        def post_hook(mod, args, output, path=path):
+            running.pop()
+
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook))
     try:
         with torch.no_grad():
             inputs.call(model)
+    except Exception as error:  # noqa: BLE001 - named with the module that failed
+        where = running[-1] if running else ""
+        module = model.get_submodule(where)
+        raise CaptureError(
+            f"{type(model).__name__}: the forward on example_inputs fails in "
+            f"{where or '<model>'} ({type(module).__name__}): {_reason(error)}. Pass inputs of "
+            "the shape, dtype and device the model takes, as for one ordinary forward call.") from error
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return ExampleRun(seen, calls)
 
 
 def _reason(error: Exception) -> str:
@@ -140,21 +168,40 @@ def capture(model: nn.Module, example_inputs: Any = None,
             leaf_policy: LeafPolicy | None = None) -> Capture:
     """Capture `model` as one graph, or (with inputs) as the smallest regions that trace.
 
-    Descending into regions needs inputs: the example forward shows which modules are really
-    called through their own `forward` (a parent may call a child's submodules directly, and
-    a region traced on its own would then describe code that never runs).
+    With inputs, the model first runs once on them (unless its weights are on the meta device:
+    a skeleton has nothing to run on): inputs it cannot take are a CaptureError
+    naming the failing module (not a trace that silently loses its shadow values), and the
+    run counts each module's calls (a module shared between regions is called once in each
+    region's trace). Descending into regions needs this run too: it shows which modules are
+    really called through their own `forward` (a parent may call a child's submodules
+    directly, and a region traced on its own would then describe code that never runs).
     """
     inputs = resolve_inputs(model, example_inputs)
+    on_meta = any(p.is_meta for p in model.parameters())  # a skeleton: no data to run on
+    run = None if inputs is None or on_meta else record_module_inputs(model, inputs)
     try:
-        return Capture([trace_region(model, "", inputs, leaf_policy)])
+        captured = Capture([trace_region(model, "", inputs, leaf_policy)])
     except Exception as error:  # noqa: BLE001 - any trace failure sends us one level down
         if inputs is None:
             raise CaptureError(
                 f"{type(model).__name__}: torch.fx cannot trace it symbolically ({_reason(error)}); "
                 "pass example_inputs= (a tensor, tuple or dict for one forward call) so that "
                 "capture can follow the data, or mark the failing module with leaf_modules=.") from error
-        failures = [("", _reason(error))]
-    recorded = record_module_inputs(model, inputs)
+        run = run or record_module_inputs(model, inputs)
+        captured = _capture_regions(model, run, leaf_policy, [("", _reason(error))])
+    if run is not None:
+        for region in captured.regions:
+            for path in list(region.call_counts):
+                with contextlib.suppress(AttributeError):
+                    calls = run.calls[id(model.get_submodule(path))]
+                    region.call_counts[path] = max(region.call_counts[path], calls)
+    return captured
+
+
+def _capture_regions(model: nn.Module, run: ExampleRun, leaf_policy: LeafPolicy | None,
+                     failures: list[tuple[str, str]]) -> Capture:
+    """The smallest modules holding projections that trace, each with its recorded inputs."""
+    recorded = run.inputs
     regions: list[CapturedRegion] = []
 
     def descend(module: nn.Module, prefix: str) -> None:

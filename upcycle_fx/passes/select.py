@@ -16,7 +16,7 @@ def select_mlps(mlps: list[MLPMatch], pattern: PatternSpec) -> list[MLPMatch]:
     elif pattern == "all":
         chosen = list(mlps)
     elif callable(pattern):
-        chosen = [m for m in mlps if pattern(m)]
+        chosen = [m for m in mlps if _calls(pattern, m)]
     else:
         indices = list(pattern)
         bad = [i for i in indices if i >= len(mlps)]
@@ -31,3 +31,15 @@ def select_mlps(mlps: list[MLPMatch], pattern: PatternSpec) -> list[MLPMatch]:
             "'every_other_mlp' takes blocks 1, 3, 5, ... of each stack of repeated blocks; "
             "use pattern='all' or a list of indices for models without such stacks.")
     return chosen
+
+
+def _calls(pattern, match: MLPMatch) -> bool:
+    """`pattern(match)` as a bool; an exception inside it names the FFN and the callable."""
+    try:
+        return bool(pattern(match))
+    except Exception as error:  # noqa: BLE001 - the user's code: say where it failed
+        name = getattr(pattern, "__qualname__", type(pattern).__name__)
+        raise UpcycleConfigError(
+            f"pattern={name} raised {type(error).__name__}: {error} on FFN {match.describe()}; "
+            "the callable gets an upcycle_fx.MLPMatch (index, kind, activation, d_model, d_ff, "
+            "paths, stack, block) and returns True to convert it.") from error
