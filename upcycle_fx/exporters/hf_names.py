@@ -1,0 +1,82 @@
+"""Stored (on-disk) vs runtime tensor names of transformers models, by transformers' own mapping.
+
+transformers 5 renames and reshapes some tensors between a checkpoint and the module tree:
+GPT-NeoX stores `embed_out` for the runtime `lm_head`, ViT `encoder.layer.N.attention.query`
+for `layers.N.attention.q_proj`, MoE models per-expert `experts.{i}.w1` for a fused
+`experts.gate_up_proj`. The mapping is the model's `WeightRenaming` / `WeightConverter` list
+(`conversion_mapping.get_model_conversion_mapping`), applied by `from_pretrained` when loading
+and reverted by `save_pretrained`. This module is the one place that uses it, so that upcycle_fx
+reads and writes exactly what transformers would, without a table of its own.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+
+def _transforms(model: nn.Module):
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def runtime_names(model: nn.Module, stored: Iterable[str], *, where: str) -> dict[str, str]:
+    """{stored name: runtime name} for the tensors of a checkpoint of `model` (on any device),
+    renamed as `from_pretrained` renames them. A stored tensor that transformers would reshape
+    into another (a many-to-one conversion) cannot be read by name: CheckpointError."""
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = _transforms(model)
+    known = dict(model.state_dict(keep_vars=True))
+    prefix = getattr(model, "base_model_prefix", None)
+    out: dict[str, str] = {}
+    for name in stored:
+        runtime, converted = rename_source_key(name, renamings, converters, prefix, known)
+        if runtime not in known and name in known:  # as from_pretrained: keep a name the model has
+            runtime, converted = name, None
+        if converted is not None:
+            raise CheckpointError(
+                f"{where}: tensor {name} is converted by transformers ({converted} -> {runtime}) when "
+                "loaded, which streaming does not do; load the model with from_pretrained and use "
+                "upcycle_fx.upcycle + upcycle_fx.save instead.")
+        out[name] = runtime
+    return out
+
+
+def stored_tensors(model: nn.Module, runtime: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`runtime` tensors of `model` under the names and layouts `save_pretrained` writes."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(model, dict(runtime)))
+
+
+def loaded_tensors(model: nn.Module, stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`stored` tensors (a part of a checkpoint) under `model`'s runtime names and layouts, as
+    `from_pretrained` converts them (per-expert tensors fused, renamed keys mapped back)."""
+    from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+    renamings, converters = _transforms(model)
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    known = dict(model.state_dict(keep_vars=True))
+    prefix = getattr(model, "base_model_prefix", None)
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, object] = {}
+    for name in sorted(stored, key=dot_natural_key):
+        runtime, pattern = rename_source_key(name, renamings, converters, prefix, known)
+        if pattern is None:
+            out[runtime] = stored[name]
+        else:
+            pending.setdefault(runtime, deepcopy(by_pattern[pattern])).add_tensor(runtime, name, pattern,
+                                                                                stored[name])
+    for runtime, converter in pending.items():
+        out.update(converter.convert(runtime, model=model, config=model.config))
+    return out
