@@ -28,6 +28,7 @@ the upcycled model's logits. Three things make that exact rather than approximat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -281,7 +282,8 @@ class HFFormat:
     """Output format writing the upcycled model as a stock transformers MoE checkpoint."""
 
     def __init__(self, model: nn.Module, table: TensorTable, *, target: str = "auto",
-                 reference: nn.Module | None = None, generation_config=None) -> None:
+                 reference: nn.Module | None = None, generation_config=None,
+                 dtype: torch.dtype | None = None) -> None:
         config = getattr(model, "config", None)
         if config is None or not type(model).__module__.startswith("transformers."):
             raise HFFormatError(f"{type(model).__name__} is not a transformers model; only Llama, Mistral, "
@@ -293,6 +295,8 @@ class HFFormat:
             raise _refuse(config, f"{type(model).__name__} is not a causal LM; only "
                                   f"{SOURCES[config.model_type]} maps to a stock MoE causal LM")
         self.layout = moe_layout(model)
+        if dtype is not None:
+            self.layout = dataclasses.replace(self.layout, dtype=dtype)
         self.target = choose_target(config, self.layout, target)
         for note in self.layout.dropped:
             warnings.warn(f"{TARGETS[self.target][1]} output: {note} is training-only and not written; "
@@ -416,7 +420,7 @@ def verify_hf_checkpoint(directory: Path, reference: nn.Module, *, device: torch
         for moe, _, aux, load, dropped in saved:
             moe.last_aux_loss, moe.last_expert_load, moe.last_dropped = aux, load, dropped
     error = relative_error(actual, expected)
-    tolerance = 1e-5 if expected.dtype == torch.float32 else TOLERANCE.get(expected.dtype, 1e-4)
+    tolerance = max(1e-5 if t.dtype == torch.float32 else TOLERANCE.get(t.dtype, 1e-4) for t in (expected, actual))
     if not error <= tolerance:
         raise HFFormatError(f"{directory}: the written {type(loaded).__name__} gives logits {error:.2e} "
                             f"(relative) away from the upcycled model's (tolerance {tolerance:.0e}); it was "

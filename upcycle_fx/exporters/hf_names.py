@@ -29,20 +29,41 @@ def _transforms(model: nn.Module):
             [t for t in transforms if isinstance(t, WeightConverter)])
 
 
-def runtime_names(model: nn.Module, stored: Iterable[str], *, where: str) -> dict[str, str]:
-    """{stored name: runtime name} for the tensors of a checkpoint of `model` (on any device),
-    renamed as `from_pretrained` renames them. A stored tensor that transformers would reshape
-    into another (a many-to-one conversion) cannot be read by name: CheckpointError."""
+def _renamer(model: nn.Module):
+    """name -> (runtime name, the converter pattern that matched or None), as from_pretrained."""
     from transformers.core_model_loading import rename_source_key
 
     renamings, converters = _transforms(model)
     known = dict(model.state_dict(keep_vars=True))
     prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(name: str) -> tuple[str, str | None]:
+        runtime, pattern = rename_source_key(name, renamings, converters, prefix, known)
+        if runtime not in known and name in known:  # as from_pretrained: keep a name the model has
+            return name, None
+        return runtime, pattern
+
+    return rename
+
+
+def runtime_groups(model: nn.Module, stored: Iterable[str]) -> dict[str, list[str]]:
+    """{runtime name: the stored names it is made of} for (part of) a checkpoint of `model`:
+    one name each, except where transformers merges several (per-expert tensors into one)."""
+    rename = _renamer(model)
+    groups: dict[str, list[str]] = {}
+    for name in stored:
+        groups.setdefault(rename(name)[0], []).append(name)
+    return groups
+
+
+def runtime_names(model: nn.Module, stored: Iterable[str], *, where: str) -> dict[str, str]:
+    """{stored name: runtime name} for the tensors of a checkpoint of `model` (on any device),
+    renamed as `from_pretrained` renames them. A stored tensor that transformers would reshape
+    into another (a many-to-one conversion) cannot be read by name: CheckpointError."""
+    rename = _renamer(model)
     out: dict[str, str] = {}
     for name in stored:
-        runtime, converted = rename_source_key(name, renamings, converters, prefix, known)
-        if runtime not in known and name in known:  # as from_pretrained: keep a name the model has
-            runtime, converted = name, None
+        runtime, converted = rename(name)
         if converted is not None:
             raise CheckpointError(
                 f"{where}: tensor {name} is converted by transformers ({converted} -> {runtime}) when "
@@ -62,16 +83,15 @@ def stored_tensors(model: nn.Module, runtime: Mapping[str, torch.Tensor]) -> dic
 def loaded_tensors(model: nn.Module, stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`stored` tensors (a part of a checkpoint) under `model`'s runtime names and layouts, as
     `from_pretrained` converts them (per-expert tensors fused, renamed keys mapped back)."""
-    from transformers.core_model_loading import dot_natural_key, rename_source_key
+    from transformers.core_model_loading import dot_natural_key
 
-    renamings, converters = _transforms(model)
+    _, converters = _transforms(model)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
-    known = dict(model.state_dict(keep_vars=True))
-    prefix = getattr(model, "base_model_prefix", None)
+    rename = _renamer(model)
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, object] = {}
     for name in sorted(stored, key=dot_natural_key):
-        runtime, pattern = rename_source_key(name, renamings, converters, prefix, known)
+        runtime, pattern = rename(name)
         if pattern is None:
             out[runtime] = stored[name]
         else:
