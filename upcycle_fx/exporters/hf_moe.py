@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_map
 from ..moe import MoE
 from ..report import moe_layers
 from .errors import HFFormatError
+from .hf_names import stored_tensors
 from .pipeline import Unit, units_of
 from .state import TensorTable, tensor_table
 
@@ -352,12 +353,10 @@ class HFFormat:
                                        f"extra {extra}, other shape {shapes}); tied embeddings or biases differ")
 
     def convert(self, unit: Unit, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from transformers.core_model_loading import revert_weight_conversion
-
         runtime = self._runtime(unit, tensors)
         if not runtime:
             return {}
-        return {name: t.contiguous() for name, t in revert_weight_conversion(self.target_model, runtime).items()}
+        return {name: t.contiguous() for name, t in stored_tensors(self.target_model, runtime).items()}
 
     def write_files(self, directory: Path) -> None:
         (directory / "config.json").write_text(json.dumps(config_json(self.config), indent=2, sort_keys=True) + "\n")

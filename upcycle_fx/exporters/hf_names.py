@@ -20,50 +20,68 @@ from torch import nn
 from .errors import CheckpointError
 
 
-def _transforms(model: nn.Module):
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming
+class KeyMapping:
+    """transformers' stored -> runtime key mapping of one model (built once: it walks the model)."""
 
-    transforms = get_model_conversion_mapping(model)
-    return ([t for t in transforms if isinstance(t, WeightRenaming)],
-            [t for t in transforms if isinstance(t, WeightConverter)])
+    def __init__(self, model: nn.Module) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
+        transforms = get_model_conversion_mapping(model)
+        self.model = model
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.by_pattern = {p: c for c in self.converters for p in c.source_patterns}
+        self.known = dict(model.state_dict(keep_vars=True))
+        self.prefix = getattr(model, "base_model_prefix", None)
 
-def _renamer(model: nn.Module):
-    """name -> (runtime name, the converter pattern that matched or None), as from_pretrained."""
-    from transformers.core_model_loading import rename_source_key
+    def rename(self, name: str) -> tuple[str, str | None]:
+        """(runtime name, the pattern of the converter that merges it with others, or None)."""
+        from transformers.core_model_loading import rename_source_key
 
-    renamings, converters = _transforms(model)
-    known = dict(model.state_dict(keep_vars=True))
-    prefix = getattr(model, "base_model_prefix", None)
-
-    def rename(name: str) -> tuple[str, str | None]:
-        runtime, pattern = rename_source_key(name, renamings, converters, prefix, known)
-        if runtime not in known and name in known:  # as from_pretrained: keep a name the model has
+        runtime, pattern = rename_source_key(name, self.renamings, self.converters, self.prefix, self.known)
+        if runtime not in self.known and name in self.known:  # as from_pretrained: keep a name the model has
             return name, None
         return runtime, pattern
 
-    return rename
+    def groups(self, stored: Iterable[str]) -> dict[str, list[str]]:
+        """{runtime name: the stored names it is made of}: one each, except where transformers
+        merges several (per-expert tensors into one)."""
+        groups: dict[str, list[str]] = {}
+        for name in stored:
+            groups.setdefault(self.rename(name)[0], []).append(name)
+        return groups
 
+    def load(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`stored` tensors (a part of a checkpoint) under the runtime names and layouts, as
+        `from_pretrained` converts them (per-expert tensors fused, renamed keys mapped back).
+        `stored` is emptied as its tensors are handed over, so each is freed once converted."""
+        from transformers.core_model_loading import dot_natural_key
 
-def runtime_groups(model: nn.Module, stored: Iterable[str]) -> dict[str, list[str]]:
-    """{runtime name: the stored names it is made of} for (part of) a checkpoint of `model`:
-    one name each, except where transformers merges several (per-expert tensors into one)."""
-    rename = _renamer(model)
-    groups: dict[str, list[str]] = {}
-    for name in stored:
-        groups.setdefault(rename(name)[0], []).append(name)
-    return groups
+        out: dict[str, torch.Tensor] = {}
+        pending: dict[str, object] = {}
+        for name in sorted(stored, key=dot_natural_key):
+            runtime, pattern = self.rename(name)
+            tensor = stored.pop(name)
+            if pattern is None:
+                out[runtime] = tensor
+            else:
+                converter = pending.setdefault(runtime, deepcopy(self.by_pattern[pattern]))
+                converter.add_tensor(runtime, name, pattern, tensor)
+            del tensor
+        for runtime in list(pending):
+            out.update(pending.pop(runtime).convert(runtime, model=self.model, config=self.model.config))
+        return out
 
 
 def runtime_names(model: nn.Module, stored: Iterable[str], *, where: str) -> dict[str, str]:
     """{stored name: runtime name} for the tensors of a checkpoint of `model` (on any device),
     renamed as `from_pretrained` renames them. A stored tensor that transformers would reshape
     into another (a many-to-one conversion) cannot be read by name: CheckpointError."""
-    rename = _renamer(model)
+    mapping = KeyMapping(model)
     out: dict[str, str] = {}
     for name in stored:
-        runtime, converted = rename(name)
+        runtime, converted = mapping.rename(name)
         if converted is not None:
             raise CheckpointError(
                 f"{where}: tensor {name} is converted by transformers ({converted} -> {runtime}) when "
@@ -78,25 +96,3 @@ def stored_tensors(model: nn.Module, runtime: Mapping[str, torch.Tensor]) -> dic
     from transformers.core_model_loading import revert_weight_conversion
 
     return dict(revert_weight_conversion(model, dict(runtime)))
-
-
-def loaded_tensors(model: nn.Module, stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`stored` tensors (a part of a checkpoint) under `model`'s runtime names and layouts, as
-    `from_pretrained` converts them (per-expert tensors fused, renamed keys mapped back)."""
-    from transformers.core_model_loading import dot_natural_key
-
-    _, converters = _transforms(model)
-    by_pattern = {p: c for c in converters for p in c.source_patterns}
-    rename = _renamer(model)
-    out: dict[str, torch.Tensor] = {}
-    pending: dict[str, object] = {}
-    for name in sorted(stored, key=dot_natural_key):
-        runtime, pattern = rename(name)
-        if pattern is None:
-            out[runtime] = stored[name]
-        else:
-            pending.setdefault(runtime, deepcopy(by_pattern[pattern])).add_tensor(runtime, name, pattern,
-                                                                                stored[name])
-    for runtime, converter in pending.items():
-        out.update(converter.convert(runtime, model=model, config=model.config))
-    return out
