@@ -1,9 +1,11 @@
 """Bounded-memory conversion of a sharded Hugging Face checkpoint, planned on the meta device.
 
 `convert_checkpoint(src, out)` never holds the whole model. The dense model is built from
-`config.json` on the meta device (no data), checked against the shard headers, and rewritten
-there by the ordinary pass (`upcycle(..., verify=False)`: capture, matching and the rewrite all
-run on meta tensors). The rewritten meta model is the plan: every output tensor is either a
+`config.json` on the meta device (no data) in the checkpoint's dtype, its tensors are matched
+with the stored ones through transformers' own key mapping (GPT-NeoX stores `embed_out` for
+`lm_head`, ViT `encoder.layer.N` for `layers.N`: `hf_names.py`), checked against the shard
+headers, and rewritten there by the ordinary pass (`upcycle(..., verify=False)`: capture,
+matching and the rewrite all run on meta tensors). The rewritten meta model is the plan: every output tensor is either a
 tensor of the input (read by name when its turn comes) or part of one MoE layer, which is built
 by the same `build_moe` as the in-memory rewrite from that FFN's weights alone, in the same order
 and with the same random generator. Output shards are written as they fill (`pipeline.py`).
@@ -11,7 +13,8 @@ and with the same random generator. Output shards are written as they fill (`pip
 Peak memory is about one output shard (by default no larger than the largest input shard), one
 MoE layer with its dense FFN, and the interpreter with torch and transformers imported; it does
 not grow with the number of layers. The output equals `save(upcycle(from_pretrained(src)))`
-tensor for tensor (same seed).
+tensor for tensor (same seed), in the stored dtype (bf16 stays bf16). It is not run here:
+`written_check.py` compares it with the source layer by layer, within the same memory.
 """
 
 from __future__ import annotations
