@@ -15,6 +15,9 @@ a driver holding a model would inflate the figure. The child also reports its ow
     python benchmarks/convert_memory.py                 # 1.1B parameters (TinyLlama shape), bf16
     python benchmarks/convert_memory.py --preset small --dtype float32 --shard-mb 4 --experts 4
                                                         # ~60 MB: what the CI test runs
+    python benchmarks/convert_memory.py --check         # also the written-output check
+    python benchmarks/convert_memory.py --preset 246m --check --load-both
+                                                        # and the whole-model check it replaces
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ PRESETS = {
     # The same layers, twice as many: peak memory must not change.
     "2.2b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=44,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+    # A 246M-parameter Llama (d=1024, 16 layers, 32k vocab).
+    "246m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=12,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -109,6 +115,34 @@ print(json.dumps({"architecture": r.architecture, "params_before": r.params_befo
                   "vm_hwm": _vm_hwm()}))
 """
 
+_CHECK = """
+import json, sys, time
+sys.path.insert(0, sys.argv[4])
+from convert_memory import _vm_hwm
+from upcycle_fx.exporters.written_check import check_written
+start = time.perf_counter()
+r = check_written(sys.argv[1], sys.argv[2], sys.argv[3])
+print(json.dumps({"error": r.max_relative_error, "tolerance": r.tolerance, "dtype": str(r.dtype),
+                  "layers_checked": r.layers_checked, "tensors_compared": r.tensors_compared,
+                  "seconds_inside": time.perf_counter() - start, "vm_hwm": _vm_hwm()}))
+"""
+
+_LOAD_BOTH = """
+import json, sys, time
+sys.path.insert(0, sys.argv[4])
+from convert_memory import _vm_hwm
+import torch, transformers, upcycle_fx
+from upcycle_fx.report import relative_error
+start = time.perf_counter()
+dense = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto").eval()
+written = (transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype="auto") if sys.argv[3] == "hf"
+           else upcycle_fx.load(sys.argv[2])).eval()
+ids = torch.randint(4, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    error = relative_error(written(input_ids=ids).logits.float(), dense(input_ids=ids).logits.float())
+print(json.dumps({"error": error, "seconds_inside": time.perf_counter() - start, "vm_hwm": _vm_hwm()}))
+"""
+
 _MAKE = """
 import json, sys
 sys.path.insert(0, sys.argv[5])
@@ -138,8 +172,10 @@ def in_child(code: str, *args: object) -> Measured:
 
 
 def run(preset: str, *, experts: int, format: str, dtype: str, shard_bytes: int, workdir: Path,
-        keep: bool = False) -> dict:
-    """Make the checkpoints, convert them (each step in its own child), report; `base` kept with --keep."""
+        keep: bool = False, check: bool = False, load_both: bool = False) -> dict:
+    """Make the checkpoints, convert them (each step in its own child), report; `base` kept with
+    --keep. `check`: also measure `check_written` on the output (and the tiny one's); `load_both`:
+    also the check it replaces (both models loaded whole, logits compared)."""
     base = Path(tempfile.mkdtemp(prefix="convert_memory-", dir=workdir))
     try:
         made = in_child(_MAKE, base / "dense", preset, dtype, shard_bytes)
@@ -148,7 +184,19 @@ def run(preset: str, *, experts: int, format: str, dtype: str, shard_bytes: int,
         big = in_child(_CONVERT, base / "dense", base / "out", format, experts)
         params, r = made.result["params"], big.result
         bound = 2 * r["largest_input_shard"] + 10**9  # the issue's bound: 2 x largest shard + 1 GB
-        return {
+        checked = {}
+        if check:
+            tiny_check = in_child(_CHECK, base / "tiny", base / "tiny-out", format)
+            done = in_child(_CHECK, base / "dense", base / "out", format)
+            checked = {"check_seconds": done.seconds, "check_peak_rss": done.peak_rss,
+                       "check_vm_hwm": done.result["vm_hwm"], "check_error": done.result["error"],
+                       "check_layers": done.result["layers_checked"], "check_tensors": done.result["tensors_compared"],
+                       "check_within_bound": done.peak_rss < bound, "check_peak_rss_tiny_model": tiny_check.peak_rss}
+        if load_both:
+            both = in_child(_LOAD_BOTH, base / "dense", base / "out", format)
+            checked.update(load_both_seconds=both.seconds, load_both_peak_rss=both.peak_rss,
+                           load_both_error=both.result["error"])
+        return {**checked,
             "workdir": str(base), "preset": preset, "dtype": dtype, "experts": experts, "format": format,
             "architecture": r["architecture"], "params_before": params, "params_after": r["params_after"],
             "input_bytes": r["bytes_read"], "largest_input_shard": r["largest_input_shard"],
@@ -190,6 +238,20 @@ def render(m: dict) -> str:
         ("peak RSS", f"{_size(m['peak_rss'])} (VmHWM {_size(m['vm_hwm'])}; bound 2 x largest shard + 1 GB = "
                      f"{_size(m['bound'])}: {'within' if m['within_bound'] else 'EXCEEDED'})"),
         ("peak RSS, same conversion of a 2-layer model", _size(m["peak_rss_tiny_model"])),
+    ]
+    if "check_peak_rss" in m:
+        rows += [
+            ("check_written (layer by layer, float32)",
+             f"{m['check_seconds']:.1f} s, peak RSS {_size(m['check_peak_rss'])} "
+             f"({'within' if m['check_within_bound'] else 'EXCEEDED'} the bound; 2-layer model: "
+             f"{_size(m['check_peak_rss_tiny_model'])}), max relative error {m['check_error']:.1e} over "
+             f"{m['check_layers']} MoE layers and {m['check_tensors']} other tensors"),
+        ]
+    if "load_both_peak_rss" in m:
+        rows += [("check by loading both models whole",
+                  f"{m['load_both_seconds']:.1f} s, peak RSS {_size(m['load_both_peak_rss'])}, "
+                  f"logits error {m['load_both_error']:.1e} ({m['dtype']})")]
+    rows += [
         ("machine", f"{m['machine']}, {m['date']}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -206,13 +268,17 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (default: delete)")
+    parser.add_argument("--check", action="store_true", help="also measure the written-output check")
+    parser.add_argument("--load-both", action="store_true",
+                        help="also measure the whole-model check (both models loaded: needs their memory)")
     args = parser.parse_args()
     figures = run(args.preset, experts=args.experts, format=args.format, dtype=args.dtype,
-                  shard_bytes=args.shard_mb * 10**6, workdir=args.workdir, keep=args.keep)
+                  shard_bytes=args.shard_mb * 10**6, workdir=args.workdir, keep=args.keep, check=args.check,
+                  load_both=args.load_both)
     print(render(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0 if figures["within_bound"] else 1
+    return 0 if figures["within_bound"] and figures.get("check_within_bound", True) else 1
 
 
 if __name__ == "__main__":

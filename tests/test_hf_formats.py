@@ -151,7 +151,6 @@ def test_what_the_target_cannot_express_is_refused(kind, overrides, pattern, opt
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"z_loss_weight": 0.1}, "no router z-loss"),
     ({"capacity_factor": 1.5}, "dropless"),
     ({"routing": "expert_choice"}, "top-k only"),
 ])

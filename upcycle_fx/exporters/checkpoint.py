@@ -21,7 +21,7 @@ from ..integrations import QUANT_METHOD
 from .atomic import interrupted_replacement, leftovers
 from .errors import CheckpointError, InterruptedReplaceError, ManifestError, NotACheckpointError
 from .manifest import Manifest, describe, read_manifest, rebuild, write_manifest
-from .pipeline import ModelSource, Unit, units_of, write_checkpoint
+from .pipeline import ModelSource, Unit, output_dtype, units_of, write_checkpoint
 from .shards import CheckpointReader, Progress, parse_size
 from .state import TensorTable, assign_state, check_stored, storable, tensor_table
 
@@ -58,17 +58,21 @@ class NativeFormat:
 
 def save(model: nn.Module, directory: str | os.PathLike, *, format: str = "native",
          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-         progress: Progress | None = None, hf_target: str = "auto", verify: bool = True) -> Path:
+         progress: Progress | None = None, hf_target: str = "auto", verify: bool = True,
+         dtype: torch.dtype | str | None = None) -> Path:
     """Write an upcycled `model` to `directory` (created; an existing model there is an
     `OutputExistsError` unless `overwrite`).
 
     format="native": safetensors + `upcycle_fx.json`, read back by `upcycle_fx.load`.
     format="hf": a stock transformers MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE; see
-    `hf_moe.py`) that `AutoModelForCausalLM.from_pretrained(directory)` loads; with `verify`
-    it is loaded back and its logits compared before the directory appears.
-    The model is only read.
+    `hf_moe.py`) that `AutoModelForCausalLM.from_pretrained(directory)` loads, its config's
+    dtype that of the stored weights; with `verify` it is loaded back (on the model's device)
+    and its logits compared before the directory appears.
+    dtype: store floating tensors in this dtype (e.g. "bfloat16"); None keeps the model's.
+    The model is only read; it may be on any device.
     """
     max_bytes = parse_size(max_shard_size)
+    cast = output_dtype(dtype)
     table = tensor_table(model)
     _refuse_meta(table)
     units = units_of(model, table)
@@ -78,10 +82,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, format: str = "nativ
         from .hf_moe import HFFormat
 
         fmt = HFFormat(model, table, target=hf_target, reference=model if verify else None,
-                       generation_config=getattr(model, "generation_config", None))
+                       generation_config=getattr(model, "generation_config", None), dtype=cast)
     else:
         raise CheckpointError(f"format={format!r} is unknown; use 'native' or 'hf'.")
-    return write_checkpoint(directory, units, ModelSource(table), fmt, max_shard_bytes=max_bytes,
+    return write_checkpoint(directory, units, ModelSource(table, cast), fmt, max_shard_bytes=max_bytes,
                             overwrite=overwrite, progress=progress).path
 
 

@@ -8,8 +8,10 @@ the upcycled model's logits. Three things make that exact rather than approximat
   (biases the target lacks, per-layer sliding windows it cannot express, unknown fields). Rope
   parameters, tied embeddings, head_dim, norms' eps and sliding windows are copied exactly.
 * Routing: the targets' routers take softmax over all experts, then top-k, then (Mixtral always,
-  Qwen when `norm_topk_prob`) renormalise: `normalize_weights` must match, capacity limits,
-  expert choice and router z-loss have no counterpart and are refused. Qwen2-MoE always adds a
+  Qwen when `norm_topk_prob`) renormalise: `normalize_weights` must match; capacity limits and
+  expert choice change inference and have no counterpart: refused. Training-only settings do
+  not block shipping: the auxiliary loss weight becomes `router_aux_loss_coef`, a router z-loss
+  (which the targets lack) is dropped with a warning. Qwen2-MoE always adds a
   gated shared expert; it is written with zero width (`shared_expert_intermediate_size=0`), so it
   adds exactly 0. The router logits are computed in the model dtype there (float32 here): equal
   in float32, rounding-level differences in bf16 (which do not change the output while the
@@ -17,10 +19,17 @@ the upcycled model's logits. Three things make that exact rather than approximat
 * Tensors: written under the names transformers itself writes (`save_pretrained`'s reverse weight
   conversion: per-expert `experts.{i}.gate_proj/w1...`), and the full set of names and shapes is
   checked against the target model built on the meta device before anything is written.
+* Versions: config.json holds every field (not only those that differ from this transformers'
+  defaults, which older versions do not share), plus the older spellings of renamed fields:
+  `torch_dtype` beside `dtype`, `rope_theta` / `rope_scaling` beside `rope_parameters`, and the
+  aliases of `attribute_map` (`num_experts` beside Qwen3-MoE's `num_local_experts`), so that
+  transformers 4.57 computes the same logits (`benchmarks/hf_compat.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -29,10 +38,12 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..moe import MoE
 from ..report import moe_layers
 from .errors import HFFormatError
+from .hf_names import stored_tensors
 from .pipeline import Unit, units_of
 from .state import TensorTable, tensor_table
 
@@ -62,6 +73,10 @@ HANDLED = {"llama": ("head_dim", "attention_bias", "mlp_bias"), "mistral": ("hea
 _LAYER = re.compile(r"model\.layers\.(\d+)\.mlp")
 
 
+class TrainingOnlySettingWarning(UserWarning):
+    """A setting that only affects training was left out of a stock checkpoint."""
+
+
 @dataclass(frozen=True)
 class MoELayout:
     """What every MoE layer of the upcycled model shares (the targets have one global setting)."""
@@ -72,6 +87,7 @@ class MoELayout:
     normalize: bool
     aux_loss_weight: float
     dtype: torch.dtype
+    dropped: tuple[str, ...] = ()     # training-only settings the target cannot express
 
 
 @dataclass(frozen=True)
@@ -113,7 +129,20 @@ def moe_layout(model: nn.Module) -> MoELayout:
         raise _refuse(config, "; ".join(problems[:4]))
     s = first.settings
     return MoELayout(tuple(sorted(indices)), first.num_experts, s.top_k, s.normalize_weights,
-                     float(s.aux_loss_weight), first.experts.up_proj.dtype)
+                     float(s.aux_loss_weight), first.experts.up_proj.dtype, _training_only(layers))
+
+
+def _training_only(layers) -> tuple[str, ...]:
+    """Notes on the training-only settings the target cannot carry (they do not change inference)."""
+    notes = []
+    z_loss = sorted({float(m.settings.z_loss_weight) for _, m in layers} - {0.0})
+    if z_loss:
+        notes.append(f"router z-loss weight {', '.join(map(str, z_loss))} (the stock MoE models have no z-loss)")
+    aux = sorted({float(m.settings.aux_loss_weight) for _, m in layers})
+    if len(aux) > 1:
+        notes.append(f"per-layer auxiliary loss weights {aux} (router_aux_loss_coef is one number: "
+                     f"{float(layers[0][1].settings.aux_loss_weight)}, the first layer's)")
+    return tuple(notes)
 
 
 def _layer_problems(moe: MoE, first: MoE, config) -> list[str]:
@@ -131,12 +160,9 @@ def _layer_problems(moe: MoE, first: MoE, config) -> list[str]:
         problems.append(f"routing {s.routing!r}: the target routes tokens with top-k only")
     if s.capacity_factor is not None:
         problems.append(f"capacity_factor {s.capacity_factor}: the target's routing is dropless")
-    if s.z_loss_weight:
-        problems.append(f"z_loss_weight {s.z_loss_weight}: the target has no router z-loss")
-    same = (moe.num_experts, s.top_k, s.normalize_weights, s.aux_loss_weight)
-    if same != (first.num_experts, first.settings.top_k, first.settings.normalize_weights,
-                first.settings.aux_loss_weight):
-        problems.append(f"(experts, top_k, normalize, aux weight) {same} differ from the first MoE layer's")
+    same = (moe.num_experts, s.top_k, s.normalize_weights)
+    if same != (first.num_experts, first.settings.top_k, first.settings.normalize_weights):
+        problems.append(f"(experts, top_k, normalize) {same} differ from the first MoE layer's")
     return problems
 
 
@@ -176,7 +202,8 @@ def choose_target(config, layout: MoELayout, requested: str = "auto") -> str:
 
 
 def target_config(config, layout: MoELayout, target: str):
-    """The target's config, carrying every field of `config` exactly (or refusing)."""
+    """The target's config, carrying every field of `config` exactly (or refusing); its dtype
+    is that of the experts (the stored weights)."""
     import transformers
 
     _check_fields(config)
@@ -257,7 +284,8 @@ class HFFormat:
     """Output format writing the upcycled model as a stock transformers MoE checkpoint."""
 
     def __init__(self, model: nn.Module, table: TensorTable, *, target: str = "auto",
-                 reference: nn.Module | None = None, generation_config=None) -> None:
+                 reference: nn.Module | None = None, generation_config=None,
+                 dtype: torch.dtype | None = None) -> None:
         config = getattr(model, "config", None)
         if config is None or not type(model).__module__.startswith("transformers."):
             raise HFFormatError(f"{type(model).__name__} is not a transformers model; only Llama, Mistral, "
@@ -269,7 +297,13 @@ class HFFormat:
             raise _refuse(config, f"{type(model).__name__} is not a causal LM; only "
                                   f"{SOURCES[config.model_type]} maps to a stock MoE causal LM")
         self.layout = moe_layout(model)
+        if dtype is not None:
+            self.layout = dataclasses.replace(self.layout, dtype=dtype)
         self.target = choose_target(config, self.layout, target)
+        for note in self.layout.dropped:
+            warnings.warn(f"{TARGETS[self.target][1]} output: {note} is training-only and not written; "
+                          "inference is unaffected (format='native' keeps it).", TrainingOnlySettingWarning,
+                          stacklevel=3)
         self.config = target_config(config, self.layout, self.target)
         import transformers
 
@@ -320,15 +354,13 @@ class HFFormat:
                                        f"extra {extra}, other shape {shapes}); tied embeddings or biases differ")
 
     def convert(self, unit: Unit, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from transformers.core_model_loading import revert_weight_conversion
-
         runtime = self._runtime(unit, tensors)
         if not runtime:
             return {}
-        return {name: t.contiguous() for name, t in revert_weight_conversion(self.target_model, runtime).items()}
+        return {name: t.contiguous() for name, t in stored_tensors(self.target_model, runtime).items()}
 
     def write_files(self, directory: Path) -> None:
-        self.config.save_pretrained(directory)
+        (directory / "config.json").write_text(json.dumps(config_json(self.config), indent=2, sort_keys=True) + "\n")
         if self.generation_config is not None:
             self.generation_config.save_pretrained(directory)
 
@@ -338,34 +370,57 @@ class HFFormat:
             verify_hf_checkpoint(directory, self.reference)
 
 
-def verify_hf_checkpoint(directory: Path, reference: nn.Module) -> float:
+def config_json(config) -> dict[str, Any]:
+    """Every field of the target config (defaults included: other transformers versions have
+    other defaults, e.g. Mixtral's rope_theta), with the older spellings of renamed fields."""
+    values = config.to_dict()
+    values.setdefault("torch_dtype", values.get("dtype"))
+    rope = values.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and not isinstance(rope.get("rope_theta"), dict):
+        values.setdefault("rope_theta", rope["rope_theta"])
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        values.setdefault("rope_scaling", None if scaling.get("rope_type", "default") == "default" else scaling)
+    for alias, field in type(config).attribute_map.items():
+        if field in values:
+            values.setdefault(alias, values[field])
+    return values
+
+
+def verify_hf_checkpoint(directory: Path, reference: nn.Module, *, device: torch.device | str | None = None) -> float:
     """Relative logits error of `AutoModelForCausalLM.from_pretrained(directory)` against `reference`
-    on the model's example inputs; HFFormatError beyond the dtype's tolerance (1e-5 in float32)."""
+    on the model's example inputs; HFFormatError beyond the dtype's tolerance (1e-5 in float32).
+    The reference runs where it is; the loaded model on `device` (default: the reference's
+    device), with the same inputs moved there; the logits are compared on the CPU."""
     from transformers import AutoModelForCausalLM
 
     from ..capture.inputs import resolve_inputs
     from ..passes.verify import TOLERANCE
     from ..report import first_tensor, relative_error
 
+    home = next(iter(reference.parameters()), torch.empty(0)).device
+    device = home if device is None else torch.device(device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # the 0-wide shared expert
-        loaded = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", local_files_only=True).eval()
+        loaded = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", local_files_only=True)
+    loaded = loaded.to(device).eval()
     inputs = resolve_inputs(reference)
+    moved = type(inputs)(*tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x,
+                                   (inputs.args, inputs.kwargs)))
     saved = [(m, m.training, m.last_aux_loss, m.last_expert_load, m.last_dropped)
              for _, m in moe_layers(reference)]
     modes = [(m, m.training) for m in reference.modules()]
     try:
         reference.eval()
         with torch.no_grad():
-            expected = first_tensor(inputs.call(reference))
-            actual = first_tensor(inputs.call(loaded))
+            expected = first_tensor(inputs.call(reference)).cpu()
+            actual = first_tensor(moved.call(loaded)).cpu()
     finally:
         for module, training in modes:
             module.training = training
         for moe, _, aux, load, dropped in saved:
             moe.last_aux_loss, moe.last_expert_load, moe.last_dropped = aux, load, dropped
     error = relative_error(actual, expected)
-    tolerance = 1e-5 if expected.dtype == torch.float32 else TOLERANCE.get(expected.dtype, 1e-4)
+    tolerance = max(1e-5 if t.dtype == torch.float32 else TOLERANCE.get(t.dtype, 1e-4) for t in (expected, actual))
     if not error <= tolerance:
         raise HFFormatError(f"{directory}: the written {type(loaded).__name__} gives logits {error:.2e} "
                             f"(relative) away from the upcycled model's (tolerance {tolerance:.0e}); it was "

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..report import moe_layers
 from .atomic import atomic_directory
+from .errors import CheckpointError
 from .shards import Progress, ShardWriter
 from .state import TensorTable
 
@@ -73,17 +74,39 @@ class OutputFormat(Protocol):
         """A last check of the complete staging directory before it becomes the output."""
 
 
-class ModelSource:
-    """Tensors of a model in memory, read from its tensor table."""
+def output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A `dtype=` argument as a floating torch dtype ("bfloat16", torch.float16, ...); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise CheckpointError(f"dtype={dtype!r} is not a floating torch dtype; use e.g. bfloat16, "
+                              "float16 or float32.")
+    return value
 
-    def __init__(self, table: TensorTable) -> None:
-        self.table = table
+
+class ModelSource:
+    """Tensors of a model in memory, read from its tensor table; floating ones cast to `dtype`
+    (None: as they are), one unit at a time."""
+
+    def __init__(self, table: TensorTable, dtype: torch.dtype | None = None) -> None:
+        self.table, self.dtype = table, dtype
 
     def tensors(self, unit: Unit) -> dict[str, torch.Tensor]:
-        return {name: self.table.tensors[name].detach() for name in unit.names}
+        return {name: self._cast(self.table.tensors[name].detach()) for name in unit.names}
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        return tensor
 
     def meta(self, unit: Unit) -> dict[str, torch.Tensor]:
-        return {name: torch.empty_like(t, device="meta") for name, t in self.tensors(unit).items()}
+        out = {}
+        for name in unit.names:
+            tensor = self.table.tensors[name]
+            dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
+            out[name] = torch.empty(tensor.shape, dtype=dtype, device="meta")
+        return out
 
 
 @dataclass(frozen=True)
