@@ -650,3 +650,34 @@ def test_fuzzed_shard_header_is_named_or_loads_and_runs(intact, tmp_path, data):
     shard.write_bytes(bytes(raw))
     _loads_and_runs_or_is_named(copy)
     shutil.rmtree(copy.parent)
+
+
+@pytest.mark.parametrize("call", [
+    lambda d: upcycle_fx.save("not a model", d),
+    lambda d: upcycle_fx.save(torch.nn.Linear(2, 2), 3),
+    lambda d: upcycle_fx.save(torch.nn.Linear(2, 2), d, overwrite="no"),
+    lambda d: upcycle_fx.save(torch.nn.Linear(2, 2), d, format="onnx"),
+    lambda d: upcycle_fx.load(3),
+    lambda d: upcycle_fx.load(d, skeleton="llama"),
+], ids=["model", "directory", "overwrite", "format", "load-directory", "load-skeleton"])
+def test_save_and_load_name_bad_arguments_before_work(call, tmp_path):
+    """Arguments of the wrong kind are a CheckpointError naming them, and nothing is written."""
+    with pytest.raises(upcycle_fx.CheckpointError, match="save|load|format"):
+        call(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_convert_checkpoint_refuses_its_own_input_as_output(tmp_path):
+    """convert_checkpoint(src, src, overwrite=True) would replace the checkpoint it reads: refused
+    before any work, the input left as it was."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    source = tmp_path / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    for output in (source, source / "moe"):
+        with pytest.raises(upcycle_fx.OutputOverlapsInputError):
+            upcycle_fx.convert_checkpoint(source, output, overwrite=True)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before

@@ -7,7 +7,6 @@ what was written.
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..passes import select_mlps
 from ..passes.verify import preserves_function
 from ..report import UpcycleReport, active_parameters, count_parameters, first_tensor, relative_error
 from ..sources import NATIVE_MANIFEST, ModelSourceError, declared_dtype, load_pretrained, model_directory
-from .check import tolerance, written_dtype, written_model_error
+from .check import check_written_model, tolerance
 from .display import ProgressBars, console, mlp_table, onnx_table, progress_bars, report_table, step
 from .errors import CheckFailedError, UsageError
 from .safety import check_onnx_output, check_output_directory, shard_size
@@ -120,37 +119,30 @@ def cmd_rewrite(args) -> int:
         error = relative_error(sparse, dense)
     report = UpcycleReport(len(result.mlps), len(result.converted), result.params_before,
                            count_parameters(result.model), active_parameters(result.model), error)
-    return _print_report(report, f"{loaded.name}: upcycled", config, dense.dtype)
+    return _print_report(report, f"{loaded.name}: upcycled", config, tolerance(dense.dtype),
+                         str(dense.dtype)[6:])
 
 
-def _print_report(report: UpcycleReport, title: str, config: UpcycleConfig, dtype: torch.dtype,
-                  written: Path | None = None) -> int:
+def _print_report(report: UpcycleReport, title: str, config: UpcycleConfig, limit: float,
+                  measured_in: str, written: Path | None = None) -> int:
     """The report table; CheckFailedError when a function-preserving conversion is off by more
-    than the tolerance of `dtype`."""
+    than `limit` (the tolerance of the dtype the error was `measured_in`)."""
     console.print(report_table(report, f"{title} ({config.routing}, E={config.num_experts}, "
                                        f"k={config.top_k})"))
-    error, limit = report.max_relative_error, tolerance(dtype)
+    error = report.max_relative_error
     if error is not None and preserves_function(config) and not error <= limit:
         where = f"; {written} was written but is wrong: delete it" if written else ""
-        raise CheckFailedError(f"error {error:.2e} exceeds {limit:.1e} ({str(dtype)[6:]}): the model "
+        raise CheckFailedError(f"error {error:.2e} exceeds {limit:.1e} ({measured_in}): the model "
                                f"does not preserve the function{where}; please report it with the "
                                "model class")
     return 0
 
 
-def _streams(source: Path, dtype: torch.dtype | None) -> bool:
-    """Whether the conversion can stream MODEL's safetensors shards (with the dtype asked for)."""
+def _streams(source: Path) -> bool:
+    """Whether the conversion can stream MODEL's safetensors shards."""
     from ..exporters.shards import SAFE_INDEX, SAFE_WEIGHTS
-    from ..exporters.streaming import convert_checkpoint
 
-    has_shards = (source / SAFE_WEIGHTS).is_file() or (source / SAFE_INDEX).is_file()
-    return has_shards and (dtype is None or "dtype" in pyinspect.signature(convert_checkpoint).parameters)
-
-
-def _library_options(function, **options) -> dict:
-    """The keyword arguments among `options` that `function` takes (dtype=, device=)."""
-    accepted = pyinspect.signature(function).parameters
-    return {key: value for key, value in options.items() if key in accepted and value is not None}
+    return (source / SAFE_WEIGHTS).is_file() or (source / SAFE_INDEX).is_file()
 
 
 def _rewrite_to_directory(args, source: Path, out: Path, config: UpcycleConfig,
@@ -162,16 +154,15 @@ def _rewrite_to_directory(args, source: Path, out: Path, config: UpcycleConfig,
     max_bytes = shard_size(args.max_shard_size)
     options = dict(format=args.format, hf_target=args.hf_target, max_shard_size=max_bytes,
                    overwrite=args.overwrite)
-    streams = _streams(source, dtype)
+    streams = _streams(source)
     start = time.perf_counter()
     args.outcome.target = out
     with progress_bars() as bars:
         options["progress"] = ProgressBars(bars)
         if streams:
-            extra = _library_options(convert_checkpoint, dtype=dtype, device=device)
-            done = convert_checkpoint(source, out, config, **options, **extra)
+            done = convert_checkpoint(source, out, config, **options, dtype=dtype, device=device)
             counts = (done.mlps, done.converted, done.params_before, done.params_after, done.active_params)
-        else:  # no safetensors (e.g. pytorch_model.bin), or a dtype the streaming cannot write
+        else:  # no safetensors (e.g. pytorch_model.bin)
             loaded = load_pretrained(source, dtype=dtype, device=device)
             result = api.upcycle(loaded.model, config)
             options["max_shard_size"] = max_bytes or IN_MEMORY_SHARD_SIZE
@@ -183,10 +174,11 @@ def _rewrite_to_directory(args, source: Path, out: Path, config: UpcycleConfig,
     console.print(f"[green]✓[/] wrote {out} ({args.format}, {how}, {time.perf_counter() - start:.1f} s)")
     mlps, converted = counts[:2]
     console.print(mlp_table(mlps, converted))
-    error = None if args.no_check else written_model_error(source, out, args.format, device=device)
-    report = UpcycleReport(len(mlps), len(converted), *counts[2:], error)
+    check = None if args.no_check else check_written_model(source, out, args.format, device=device)
+    report = UpcycleReport(len(mlps), len(converted), *counts[2:],
+                           None if check is None else check.max_relative_error)
     return _print_report(report, f"{source.name}: upcycled into {out} ({args.format})", config,
-                         written_dtype(out), written=out)
+                         check.tolerance if check else 0.0, "float32, layer by layer", written=out)
 
 
 # --------------------------------------------------------------------------- export-onnx

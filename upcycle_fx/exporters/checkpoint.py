@@ -71,6 +71,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, format: str = "nativ
     dtype: store floating tensors in this dtype (e.g. "bfloat16"); None keeps the model's.
     The model is only read; it may be on any device.
     """
+    _check_arguments("save", model=model, directory=directory, format=format, overwrite=overwrite,
+                     verify=verify, hf_target=hf_target)
     max_bytes = parse_size(max_shard_size)
     cast = output_dtype(dtype)
     table = tensor_table(model)
@@ -112,6 +114,7 @@ def load(directory: str | os.PathLike, skeleton: nn.Module | None = None, *,
     checkpoint is a NotACheckpointError; a model a killed `save(..., overwrite=True)` left
     aside is an InterruptedReplaceError.
     """
+    _check_arguments("load", directory=directory, skeleton=skeleton)
     directory = Path(directory)
     _require_checkpoint_directory(directory)
     manifest = read_manifest(directory)
@@ -187,3 +190,18 @@ def _hf_skeleton(manifest: Manifest, directory: Path) -> nn.Module:
             f"{directory / 'upcycle_fx.json'}: hf_config does not build a {class_name} "
             f"({type(error).__name__}: {error}). The file is damaged, or was written with transformers "
             f"{manifest.versions.get('transformers')}: restore it, or install that version.") from error
+
+
+def _check_arguments(function: str, **arguments: Any) -> None:
+    """CheckpointError naming the first argument of `save` / `load` of the wrong kind, before
+    any work."""
+    expected = {"model": (nn.Module, "an nn.Module"), "skeleton": ((nn.Module, type(None)), "an nn.Module or None"),
+                "directory": ((str, os.PathLike), "a path (str or os.PathLike)"),
+                "format": (str, "'native' or 'hf'"), "hf_target": (str, "a target name such as 'auto'"),
+                "overwrite": (bool, "True or False"), "verify": (bool, "True or False")}
+    for name, value in arguments.items():
+        kinds, what = expected[name]
+        if not isinstance(value, kinds):
+            raise CheckpointError(f"upcycle_fx.{function}: {name}={value!r} must be {what}.")
+    if arguments.get("format") not in (None, "native", "hf"):
+        raise CheckpointError(f"format={arguments['format']!r} is unknown; use 'native' or 'hf'.")

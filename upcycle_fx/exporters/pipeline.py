@@ -133,12 +133,14 @@ def auxiliary_files(directory: str | os.PathLike) -> list[Path]:
 
 def write_checkpoint(directory: str | os.PathLike, units: list[Unit], source: TensorSource,
                      fmt: OutputFormat, *, max_shard_bytes: int, overwrite: bool = False,
-                     progress: Progress | None = None, extra_files: Sequence[Path] = ()) -> Written:
+                     progress: Progress | None = None, extra_files: Sequence[Path] = (),
+                     protect: Sequence[str | os.PathLike] = ()) -> Written:
     """Write `units` from `source` in format `fmt` into `directory`, atomically; `extra_files`
-    are copied alongside."""
+    are copied alongside. An output that is, holds or lies inside a `protect`ed path (the input
+    checkpoint) is refused before any work."""
     groups = [[(name, tuple(t.shape), t.dtype) for name, t in fmt.convert(unit, source.meta(unit)).items()]
               for unit in units]
-    with atomic_directory(directory, overwrite=overwrite) as staging:
+    with atomic_directory(directory, overwrite=overwrite, protect=protect) as staging:
         for path in extra_files:
             shutil.copy2(path, staging / path.name)
         fmt.write_files(staging)

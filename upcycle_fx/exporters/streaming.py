@@ -34,6 +34,7 @@ from ..config import UpcycleConfig
 from ..passes import MLPList, MLPMatch
 from ..passes.upcycle import build_moe
 from ..report import active_parameters, count_parameters, moe_layers
+from .atomic import refuse_overlap
 from .checkpoint import NativeFormat
 from .errors import CheckpointError
 from .manifest import describe
@@ -78,11 +79,14 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
     layer is built (the same values on any device; written from the CPU). Tokenizer and other
     non-weight files are copied. Errors: MissingShardError / TruncatedShardError for damaged
     inputs, CheckpointMismatchError when config.json does not describe the weights,
-    OutputExistsError when `output` holds a model; nothing is left behind on failure.
+    OutputExistsError when `output` holds a model, OutputOverlapsInputError when it is, holds or
+    lies inside `source` (before any work); nothing is left behind on failure.
     """
     start = time.perf_counter()
     config = config or UpcycleConfig(seed=0)
     source = Path(source)
+    refuse_overlap(Path(output).absolute(), (source,))
+    max_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     reader = CheckpointReader(source)
     cast = output_dtype(dtype)
     dense = _meta_model(source, cast or stored_dtype(reader))
@@ -104,9 +108,9 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
         architecture = TARGETS[fmt.target][1]
     else:
         raise CheckpointError(f"format={format!r} is unknown; use 'native' or 'hf'.")
-    max_bytes = reader.largest_shard_bytes if max_shard_size is None else parse_size(max_shard_size)
-    written = write_checkpoint(output, units_of(upcycled, table), tensors, fmt, max_shard_bytes=max_bytes,
-                               overwrite=overwrite, progress=progress, extra_files=auxiliary_files(source))
+    written = write_checkpoint(output, units_of(upcycled, table), tensors, fmt,
+                               max_shard_bytes=max_bytes or reader.largest_shard_bytes, overwrite=overwrite,
+                               progress=progress, extra_files=auxiliary_files(source), protect=(source,))
     return ConversionReport(written.path, format, architecture, result.mlps, result.converted,
                             result.params_before, count_parameters(upcycled), active_parameters(upcycled),
                             reader.total_bytes, written.nbytes, written.shards, reader.largest_shard_bytes,
