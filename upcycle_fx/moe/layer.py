@@ -112,6 +112,12 @@ class MoE(nn.Module):
         self._record(logits, routing)
         return out.reshape(x.shape)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's statistics (the aux loss holds an
+        autograd graph, which `copy.deepcopy` refuses)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "last_aux_loss": None, "last_expert_load": None, "last_dropped": None}
+
     def reset_stats(self) -> None:
         """Forget the last forward's losses and loads."""
         self.last_aux_loss = self.last_expert_load = self.last_dropped = None

@@ -33,6 +33,7 @@ class MLPMatch:
     stack: str | None
     block: int | None
     site: FFNSite = field(repr=False, compare=False)
+    outside_uses: tuple[str, ...] = field(default=(), compare=False)  # its weights used elsewhere
 
     @property
     def path(self) -> str:
@@ -82,7 +83,7 @@ def find_mlps(model: nn.Module, example_inputs: Any = None,
         near += missed
     region_rank = {id(r): i for i, r in enumerate(captured.regions)}
     sites.sort(key=lambda s: (region_rank[id(s.region)], s.order))
-    matches = [_describe(model, i, site) for i, site in enumerate(sites)]
+    matches = [_describe(model, i, site, captured.regions) for i, site in enumerate(sites)]
     return MLPList(matches, near, captured.failures, captured)
 
 
@@ -103,10 +104,30 @@ def match_region(region: CapturedRegion) -> tuple[list[FFNSite], list[NearMiss]]
     return sites, near
 
 
-def _describe(model: nn.Module, index: int, site: FFNSite) -> MLPMatch:
+def _describe(model: nn.Module, index: int, site: FFNSite, regions: list[CapturedRegion]) -> MLPMatch:
     paths = tuple(p.owner for p in site.projections)
     stack, block = block_position(model, paths)
     return MLPMatch(
         index=index, kind=site.kind, activation=site.activation, d_model=site.d_model,
         d_ff=site.d_ff, paths=paths, style=site.down.style,
-        bias=any(p.bias is not None for p in site.projections), stack=stack, block=block, site=site)
+        bias=any(p.bias is not None for p in site.projections), stack=stack, block=block, site=site,
+        outside_uses=outside_uses(model, site, regions))
+
+
+def outside_uses(model: nn.Module, site: FFNSite, regions: list[CapturedRegion]) -> tuple[str, ...]:
+    """Where the FFN's weights are used other than by the FFN: read in a captured graph outside
+    the match (a tie written in code, `x @ self.mlp.fc1.weight.T`), or registered under another
+    name (a tied parameter). The rewrite removes the dense weights, so such uses would break."""
+    tensors = {f"{p.owner}.{name}": getattr(model.get_submodule(p.owner), name)
+               for p in site.projections for name in (p.weight, p.bias) if name is not None}
+    uses = []
+    for region in regions:
+        for node in region.graph.nodes:
+            if node.op == "get_attr" and node not in site.members and region.absolute(node.target) in tensors:
+                users = ", ".join(u.name for u in node.users) or "nothing"
+                uses.append(f"{region.absolute(node.target)} is read outside the FFN (by {users})")
+    ids = {id(t): path for path, t in tensors.items()}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in ids and path not in tensors:
+            uses.append(f"{ids[id(param)]} is the same parameter as {path}")
+    return tuple(uses)

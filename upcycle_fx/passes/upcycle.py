@@ -21,8 +21,10 @@ from torch import fx, nn
 from ..capture.leaves import is_projection_module
 from ..config import UpcycleConfig
 from ..moe import MoE, MoESettings, Router
+from ..errors import RewriteError
 from ..moe.experts import Experts, FFNWeights
 from ..patterns import FFNSite
+from ..patterns.plain import module_problem
 from .find_mlps import MLPMatch
 from .splice import SplicePlan, enclosing_module, splice
 
@@ -87,6 +89,26 @@ def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node,
     if any(is_projection_module(m) and n is not site.y for n, m in tail):
         return None
     return tail
+
+
+def _check_replaceable(model: nn.Module, match: MLPMatch, plan: SwapPlan | None) -> None:
+    """RewriteError if replacing this FFN would drop something: a use of its weights outside it,
+    or a hook / patched forward / parametrization on a module the swap removes."""
+    where = f"FFN #{match.index} ({', '.join(match.paths)})"
+    if match.outside_uses:
+        raise RewriteError(
+            f"{where}: its weights are also used outside it ({'; '.join(match.outside_uses[:3])}), "
+            "and the MoE replaces them. Untie them before the rewrite (e.g. give the other use its "
+            "own copy of the weight), or leave this FFN dense (pattern=[...] without it).")
+    if plan is None:
+        return
+    removed = [(".".join(q for q in (plan.host, p) if q), m)
+               for p, m in model.get_submodule(plan.host).named_modules()]
+    removed += [(path, model.get_submodule(path)) for path in plan.folded]
+    for path, module in removed:
+        problem = module_problem(module, path or "<model>")
+        if problem is not None:
+            raise RewriteError(f"{where}: the MoE replaces {path or '<model>'}, but: {problem}.")
 
 
 def dense_weights(site: FFNSite, model: nn.Module) -> FFNWeights:
@@ -158,6 +180,7 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
     swaps = {m.index: plan_swap(m) for m in matches}  # plan everything before touching the model
     splices: dict[str, list[MLPMatch]] = {}
     for m in matches:
+        _check_replaceable(model, m, swaps[m.index])
         if swaps[m.index] is None:
             splices.setdefault(enclosing_module(m), []).append(m)
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
