@@ -63,7 +63,7 @@ LOCAL_STATS = RouterStats()
 
 
 class MoE(nn.Module):
-    """Mixture of Experts replacing one dense FFN: `.router` (d_model -> E, float32) and `.experts`.
+    """Mixture of Experts replacing one dense FFN: `.router` (d_model -> E, logits in float32) and `.experts`.
 
     Input [..., d_model] -> output [..., d_model]. After each forward the layer keeps, for
     logging and for `upcycle_fx.aux_loss`: `last_aux_loss` (weighted load-balancing + z-loss,
