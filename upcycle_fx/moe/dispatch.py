@@ -77,6 +77,8 @@ def _decode_problem(x: torch.Tensor, routing: Routing, experts) -> str | None:
         return "Triton is not installed"
     if not isinstance(experts, Experts):
         return "it takes the experts of one process (an `Experts`)"
+    if experts.up_bias_half is not None:
+        return "its bias layout covers all rows of the up projection, these experts have a bias on one half only"
     if routing.slots is not None:
         return "capacity routings (with dropped assignments or empty slots) take the 'batched' path"
     if routing.expert_idx.numel() > DECODE_MAX_ROWS:

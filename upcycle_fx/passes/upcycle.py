@@ -115,18 +115,21 @@ def dense_weights(site: FFNSite, model: nn.Module) -> FFNWeights:
     """The FFN's weights read from `model`, in the nn.Linear layout, gate rows before up rows."""
     up, up_bias = site.up.tensors(model)
     down, down_bias = site.down.tensors(model)
+    half = None
     if site.kind == "gated":
         gate, gate_bias = site.gate.tensors(model)
-        if (gate_bias is None) != (up_bias is None):
-            gate_bias = gate.new_zeros(gate.shape[0]) if gate_bias is None else gate_bias
-            up_bias = up.new_zeros(up.shape[0]) if up_bias is None else up_bias
+        if (gate_bias is None) != (up_bias is None):  # keep only the bias that exists
+            half = 0 if gate_bias is not None else 1
+            up_bias = gate_bias if gate_bias is not None else up_bias
+        elif up_bias is not None:
+            up_bias = torch.cat([gate_bias, up_bias])
         up = torch.cat([gate, up])
-        up_bias = None if up_bias is None else torch.cat([gate_bias, up_bias])
     elif site.kind == "fused_gated" and site.gate_half == 1:
         up = torch.cat(up.chunk(2)[::-1])
         up_bias = None if up_bias is None else torch.cat(up_bias.chunk(2)[::-1])
     return FFNWeights(up.detach(), None if up_bias is None else up_bias.detach(), down.detach(),
-                      None if down_bias is None else down_bias.detach(), gated=site.kind != "dense")
+                      None if down_bias is None else down_bias.detach(), gated=site.kind != "dense",
+                      up_bias_half=half)
 
 
 def extract_activation(site: FFNSite) -> nn.Module:
