@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from ..capture import Capture, CapturedRegion, LeafPolicy, capture
 from ..patterns import PATTERNS, FFNSite, build_view
@@ -33,7 +33,7 @@ class MLPMatch:
     stack: str | None
     block: int | None
     site: FFNSite = field(repr=False, compare=False)
-    outside_uses: tuple[str, ...] = field(default=(), compare=False)  # its weights used elsewhere
+    outside_uses: tuple["OutsideUse", ...] = field(default=(), compare=False)  # its weights used elsewhere
 
     @property
     def path(self) -> str:
@@ -49,6 +49,18 @@ class MLPMatch:
         where = f"{self.stack}[{self.block}]" if self.stack is not None else self.path or "<model>"
         return (f"#{self.index} {where}: {self.kind} {self.activation} d_model={self.d_model} "
                 f"d_ff={self.d_ff} ({', '.join(self.paths)})")
+
+
+@dataclass(frozen=True)
+class OutsideUse:
+    """A use of an FFN's weight other than by the FFN: a graph node reading it, or another name
+    the same parameter is registered under (node None)."""
+
+    what: str
+    node: fx.Node | None = None
+
+    def __str__(self) -> str:
+        return self.what
 
 
 @dataclass(frozen=True)
@@ -114,20 +126,22 @@ def _describe(model: nn.Module, index: int, site: FFNSite, regions: list[Capture
         outside_uses=outside_uses(model, site, regions))
 
 
-def outside_uses(model: nn.Module, site: FFNSite, regions: list[CapturedRegion]) -> tuple[str, ...]:
+def outside_uses(model: nn.Module, site: FFNSite, regions: list[CapturedRegion]) -> tuple[OutsideUse, ...]:
     """Where the FFN's weights are used other than by the FFN: read in a captured graph outside
-    the match (a tie written in code, `x @ self.mlp.fc1.weight.T`), or registered under another
-    name (a tied parameter). The rewrite removes the dense weights, so such uses would break."""
+    the match (a tie written in code, `x @ self.mlp.fc1.weight.T`; reads nothing consumes do not
+    count), or registered under another name (a tied parameter). The rewrite removes the dense
+    weights, so such uses would break (unless they sit inside the module the MoE replaces)."""
     tensors = {f"{p.owner}.{name}": getattr(model.get_submodule(p.owner), name)
                for p in site.projections for name in (p.weight, p.bias) if name is not None}
     uses = []
     for region in regions:
         for node in region.graph.nodes:
-            if node.op == "get_attr" and node not in site.members and region.absolute(node.target) in tensors:
-                users = ", ".join(u.name for u in node.users) or "nothing"
-                uses.append(f"{region.absolute(node.target)} is read outside the FFN (by {users})")
+            if (node.op == "get_attr" and node.users and node not in site.members
+                    and region.absolute(node.target) in tensors):
+                users = ", ".join(u.name for u in node.users)
+                uses.append(OutsideUse(f"{region.absolute(node.target)} is read outside the FFN (by {users})", node))
     ids = {id(t): path for path, t in tensors.items()}
     for path, param in model.named_parameters(remove_duplicate=False):
         if id(param) in ids and path not in tensors:
-            uses.append(f"{ids[id(param)]} is the same parameter as {path}")
+            uses.append(OutsideUse(f"{ids[id(param)]} is the same parameter as {path}"))
     return tuple(uses)

@@ -95,9 +95,10 @@ def _check_replaceable(model: nn.Module, match: MLPMatch, plan: SwapPlan | None)
     """RewriteError if replacing this FFN would drop something: a use of its weights outside it,
     or a hook / patched forward / parametrization on a module the swap removes."""
     where = f"FFN #{match.index} ({', '.join(match.paths)})"
-    if match.outside_uses:
+    uses = [str(u) for u in match.outside_uses if not _inside_host(u.node, match, plan)]
+    if uses:
         raise RewriteError(
-            f"{where}: its weights are also used outside it ({'; '.join(match.outside_uses[:3])}), "
+            f"{where}: its weights are also used outside it ({'; '.join(uses[:3])}), "
             "and the MoE replaces them. Untie them before the rewrite (e.g. give the other use its "
             "own copy of the weight), or leave this FFN dense (pattern=[...] without it).")
     if plan is None:
@@ -109,6 +110,16 @@ def _check_replaceable(model: nn.Module, match: MLPMatch, plan: SwapPlan | None)
         problem = module_problem(module, path or "<model>")
         if problem is not None:
             raise RewriteError(f"{where}: the MoE replaces {path or '<model>'}, but: {problem}.")
+
+
+def _inside_host(node: fx.Node | None, match: MLPMatch, plan: SwapPlan | None) -> bool:
+    """Whether a read of the FFN's weight happens inside the module the MoE replaces (T5's
+    DenseReluDense reads `self.wo.weight.dtype`): it goes away with that module."""
+    if node is None or plan is None:
+        return False
+    region = match.site.region
+    spans = [s for s in region.spans if region.absolute(s.path) == plan.host]
+    return node.graph is region.graph and any(s.created(node) for s in spans)
 
 
 def dense_weights(site: FFNSite, model: nn.Module) -> FFNWeights:
