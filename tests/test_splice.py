@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -183,3 +184,31 @@ def test_spliced_functional_weights_are_removed():
     assert {name for name, _ in sparse[0].named_parameters(recurse=False)} == {"gain"}
     x = torch.randn(5, 16)
     torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+class Inner(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class BlockWithInner(InlineBlock):
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+
+    def forward(self, x):
+        return super().forward(self.inner(x))
+
+
+def test_hook_inside_a_retraced_block_is_a_rewrite_error():
+    """A hook on a module the re-trace runs through would fire once, at capture; the user's
+    model is left as it was."""
+    dense = _stack(BlockWithInner)
+    calls = []
+    dense[1].inner.register_forward_hook(lambda m, i, o: calls.append(1))
+    with pytest.raises(upcycle_fx.RewriteError, match="1.inner: the FFN inside 1 is written inline"):
+        upcycle_fx.rewrite(dense, router_init_std=1.0)
+    calls.clear()  # (tracing ran the hook on proxies)
+    dense(torch.randn(2, 16))
+    assert calls == [1]
+    upcycle_fx.rewrite(dense, [0, 2])  # blocks without the hook convert

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..capture._fx_private import module_hooks
+from ..capture.leaves import LeafPolicy
 from ..capture.regions import trace_region
 from ..errors import RewriteError
 from ..moe import MoE
@@ -54,6 +56,22 @@ def enclosing_module(match: MLPMatch) -> str:
         raise RewriteError(f"FFN #{match.index} ({', '.join(match.paths)}) is not inside any module "
                            "called exactly once; it cannot be rewritten")
     return best[1]
+
+
+def check_spliceable(model: nn.Module, path: str) -> None:
+    """RewriteError if re-tracing the module at `path` would freeze a hook: the trace runs
+    through its non-leaf submodules, so their hooks would run once, at capture, and never again
+    (hooks on the module itself and on leaves stay, since those are still called)."""
+    block, policy = model.get_submodule(path), LeafPolicy()
+    for name, module in block.named_modules():
+        kinds = module_hooks(module)
+        if name and kinds and not policy.is_leaf(module, name):
+            where = ".".join(p for p in (path, name) if p)
+            raise RewriteError(
+                f"{where}: the FFN inside {path or '<model>'} is written inline, so that module is "
+                f"re-traced, and the {kinds[0]} on {where} would run only once, while tracing. Remove "
+                "it before the rewrite (and register it again afterwards), or move the FFN into its "
+                "own nn.Module.")
 
 
 def _training_flag(node: fx.Node) -> object:

@@ -26,7 +26,7 @@ from ..moe.experts import Experts, FFNWeights
 from ..patterns import FFNSite
 from ..patterns.plain import module_problem
 from .find_mlps import MLPMatch
-from .splice import SplicePlan, enclosing_module, splice
+from .splice import SplicePlan, check_spliceable, enclosing_module, splice
 
 
 class FoldedIntoMoE(nn.Identity):
@@ -197,6 +197,8 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
         _check_replaceable(model, m, swaps[m.index])
         if swaps[m.index] is None:
             splices.setdefault(enclosing_module(m), []).append(m)
+    for path in splices:
+        check_spliceable(model, path)
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
     moes = {m.index: build_moe(m, model, config, generator) for m in matches}
     for m in matches:
