@@ -151,3 +151,17 @@ def test_top_k_capacity_never_exceeds_the_number_of_tokens():
     reference = MoE(moe.router, moe.experts, MoESettings(top_k=2))
     with torch.no_grad():
         torch.testing.assert_close(moe(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_router_weight_follows_the_model_dtype_and_computes_in_float32():
+    """The router's weight is stored in the model's dtype (`model.to(bfloat16)` casts it, as the
+    stock Hugging Face MoE formats expect); its logits are float32 whatever that dtype."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 16)).eval()
+    sparse = upcycle_fx.rewrite(dense, "all", num_experts=4, top_k=2, router_init_std=1.0).to(torch.bfloat16)
+    dense = dense.to(torch.bfloat16)
+    router = upcycle_fx.moe_layers(sparse)[0][1].router
+    x = torch.randn(10, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        assert router.weight.dtype == torch.bfloat16 and router(x).dtype == torch.float32
+        assert relative_error(sparse(x), dense(x)) <= 2e-2
