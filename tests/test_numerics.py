@@ -10,6 +10,8 @@ import upcycle_fx
 from upcycle_fx.moe import Experts, FFNWeights, MoE, MoESettings, Router, dispatch, top_k_routing
 from upcycle_fx.report import relative_error
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def _experts(num_experts=4, d=8, f=16, dtype=torch.float32):
     torch.manual_seed(0)
@@ -38,7 +40,8 @@ def _overflowing_expert_3(everywhere: bool) -> Experts:
     return experts
 
 
-def test_empty_slots_of_an_overflowing_expert_add_nothing():
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_slots_of_an_overflowing_expert_add_nothing(device):
     """Expert 3 takes no token: its empty capacity slots point at token 0 with weight 0.
     Before: 0 · inf made token 0 NaN."""
     experts = _overflowing_expert_3(everywhere=True)
@@ -48,13 +51,15 @@ def test_empty_slots_of_an_overflowing_expert_add_nothing():
     routing = top_k_routing(logits, 2, normalize=True, capacity_factor=1.0)
     assert not routing.slots.filled[3].any()
     with torch.no_grad():
-        out = dispatch(x, routing, experts, "batched")
+        on_device = top_k_routing(logits.to(device), 2, normalize=True, capacity_factor=1.0)
+        out = dispatch(x.to(device), on_device, experts.to(device), "auto").cpu()
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), _reference(x, routing, experts), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), _reference(x, routing, experts.cpu()), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["batched", "grouped", "loop"])
-def test_dropped_assignments_add_nothing(impl):
+def test_dropped_assignments_add_nothing(impl, device):
     """Tokens 0 and 1 fill expert 3 (finite there); token 2's assignment to it is dropped, and
     expert 3 overflows on token 2. Before: grouped and loop added 0 · inf to token 2."""
     experts = _overflowing_expert_3(everywhere=False)
@@ -67,9 +72,10 @@ def test_dropped_assignments_add_nothing(impl):
     dropped = (routing.expert_idx == 3) & (routing.token_idx == 2)
     assert dropped.any() and not routing.kept[dropped].any()
     with torch.no_grad():
-        out = dispatch(x, routing, experts, impl)
+        on_device = top_k_routing(logits.to(device), 2, normalize=True, capacity_factor=0.5)
+        out = dispatch(x.to(device), on_device, experts.to(device), impl).cpu()
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), _reference(x, routing, experts), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), _reference(x, routing, experts.cpu()), rtol=1e-5, atol=1e-6)
 
 
 def test_empty_slots_give_finite_gradients():
@@ -96,8 +102,9 @@ def _dense_ffn(dtype):
 @pytest.mark.parametrize("dtype, scales", [(torch.bfloat16, (1e4, 1e10, 1e20, 1e30, 1e38)),
                                            (torch.float16, (1e2, 1e3, 1e4, 6e4))])
 @pytest.mark.parametrize("routing", ["top_k", "expert_choice"])
-def test_extreme_inputs_stay_finite_where_the_dense_ffn_is(dtype, scales, routing):
-    dense = _dense_ffn(dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_inputs_stay_finite_where_the_dense_ffn_is(dtype, scales, routing, device):
+    dense = _dense_ffn(dtype).to(device)
     sparse = upcycle_fx.rewrite(dense, "all", num_experts=4, top_k=2, routing=routing,
                                 router_init_std=1.0, verify=False)
     generator = torch.Generator().manual_seed(1)
@@ -105,7 +112,7 @@ def test_extreme_inputs_stay_finite_where_the_dense_ffn_is(dtype, scales, routin
     for scale in scales:
         signs = torch.where(torch.rand(4, 16, generator=generator) < 0.5, -1.0, 1.0)
         rows += [-scale * torch.ones(2, 16), scale * signs]
-    x = torch.cat(rows).to(dtype)
+    x = torch.cat(rows).to(dtype).to(device)
     with torch.no_grad():
         want, got = dense(x), sparse(x)
         logits = upcycle_fx.moe_layers(sparse)[0][1].router(x)
