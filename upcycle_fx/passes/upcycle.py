@@ -20,8 +20,8 @@ from torch import fx, nn
 
 from ..capture.leaves import is_projection_module
 from ..config import UpcycleConfig
-from ..moe import MoE, MoESettings, Router
 from ..errors import RewriteError
+from ..moe import MoE, MoESettings, Router
 from ..moe.experts import Experts, FFNWeights
 from ..patterns import FFNSite
 from ..patterns.plain import module_problem

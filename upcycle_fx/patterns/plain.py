@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..capture._fx_private import global_module_hooks, module_hooks
+from .vocabulary import projection_tensors
 
 PROBE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 _STOCK_FORWARD_OWNERS = (("torch.nn.modules.linear", "Linear"), ("transformers.pytorch_utils", "Conv1D"))
@@ -92,8 +93,6 @@ def _probe_error(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _stand_in(module: nn.Module) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
-    from .vocabulary import projection_tensors
-
     stand_in = copy.deepcopy(module).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
