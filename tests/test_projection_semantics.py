@@ -181,3 +181,24 @@ def test_plain_functional_ffn_has_no_outside_uses():
 
     found = upcycle_fx.find_mlps(nn.Sequential(Functional(), Functional()))
     assert len(found) == 2 and all(m.outside_uses == () for m in found)
+
+
+class BatchNormBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        return super().forward(self.norm(x))
+
+
+@pytest.mark.parametrize("example", [True, False])
+def test_find_mlps_leaves_buffers_alone_in_training_mode(example):
+    """Capture runs the model (example forward, shadow values); in training mode that used to
+    update BatchNorm statistics and spectral-norm power iterations of the user's model."""
+    model = nn.Sequential(BatchNormBlock(), BatchNormBlock()).train()
+    parametrizations.spectral_norm(model[1].mlp[2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    upcycle_fx.find_mlps(model, example_inputs=(torch.randn(6, 16),) if example else None)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed == []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import fx, nn
 
 from ..capture import Capture, CapturedRegion, LeafPolicy, capture
@@ -86,17 +88,34 @@ class MLPList(list):
 def find_mlps(model: nn.Module, example_inputs: Any = None,
               leaf_policy: LeafPolicy | None = None) -> MLPList:
     """Capture `model` and run every registered pattern over each captured region."""
-    captured = capture(model, example_inputs, leaf_policy)
     sites: list[FFNSite] = []
     near: list[NearMiss] = []
-    for region in captured.regions:
-        found, missed = match_region(region)
-        sites += found
-        near += missed
+    with buffers_kept(model):
+        captured = capture(model, example_inputs, leaf_policy)
+        for region in captured.regions:
+            found, missed = match_region(region)
+            sites += found
+            near += missed
     region_rank = {id(r): i for i, r in enumerate(captured.regions)}
     sites.sort(key=lambda s: (region_rank[id(s.region)], s.order))
     matches = [_describe(model, i, site, captured.regions) for i, site in enumerate(sites)]
     return MLPList(matches, near, captured.failures, captured)
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Leave every buffer as it was: capture runs the model (example forward, shadow values), and
+    in training mode that updates BatchNorm statistics and spectral-norm power iterations."""
+    saved = [(module, name, buffer, buffer.detach().clone())
+             for module in model.modules() for name, buffer in module.named_buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buffer, value in saved:
+                setattr(module, name, buffer)
+                if buffer.device.type != "meta" and not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 def match_region(region: CapturedRegion) -> tuple[list[FFNSite], list[NearMiss]]:

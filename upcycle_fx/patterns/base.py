@@ -19,7 +19,7 @@ from ..capture.leaves import is_projection_module
 from ..capture.regions import CapturedRegion
 from .plain import global_hooks_problem, module_problem, projection_problem
 from .view import PatternView
-from .vocabulary import Part, Projection, is_ffn_activation, projection_tensors
+from .vocabulary import Part, Projection, is_ffn_activation
 
 ANY = "*"
 
@@ -198,7 +198,7 @@ def _check_plain_modules(site: FFNSite) -> MatchResult | None:
             continue
         module, path = region.module(node.target), region.absolute(node.target)
         if is_projection_module(module):
-            problem = projection_problem(module, path, *projection_tensors(module))
+            problem = projection_problem(module, path)
         else:
             problem = module_problem(module, path)
         if problem is not None:

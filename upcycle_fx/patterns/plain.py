@@ -52,13 +52,13 @@ def module_problem(module: nn.Module, path: str) -> str | None:
     return None
 
 
-def projection_problem(module: nn.Module, path: str, weight: torch.Tensor,
-                       bias: torch.Tensor | None) -> str | None:
-    """Why the projection `module` is not a plain linear map `F.linear(x, weight, bias)`, or None.
-    `weight` is in the nn.Linear [out, in] layout."""
+def projection_problem(module: nn.Module, path: str) -> str | None:
+    """Why the projection `module` (nn.Linear or HF Conv1D) is not a plain linear map
+    `F.linear(x, W, b)` of its own weight and bias, or None."""
     problem = module_problem(module, path)
     if problem is not None or _stock_forward(type(module)):
         return problem
+    weight, bias = projection_tensors(module)
     error = _probe_error(module, weight, bias)
     if error is None or not error <= PROBE_TOLERANCE.get(weight.dtype, 1e-5):
         found = "it failed on a probe" if error is None else f"probe relative error {error:.1e}"
