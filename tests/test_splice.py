@@ -212,3 +212,30 @@ def test_hook_inside_a_retraced_block_is_a_rewrite_error():
     dense(torch.randn(2, 16))
     assert calls == [1]
     upcycle_fx.rewrite(dense, [0, 2])  # blocks without the hook convert
+
+
+class ReadsFoldedWeight(nn.Module):
+    """The parent reads an inline FFN's weight in code that does not trace (`float(tensor)`), so
+    capture goes block by block and cannot see the read."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([InlineBlock() for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x + float(self.blocks[1].up.weight.mean())
+
+
+def test_reading_a_folded_weight_is_a_named_error():
+    """Before: a raw AttributeError from inside rewrite (or at the first forward)."""
+    torch.manual_seed(0)
+    dense = ReadsFoldedWeight().eval()
+    x = torch.randn(3, 16)
+    with pytest.raises(upcycle_fx.RewriteError, match=r"folded into the MoE at 'blocks.1.moe_0'.*'weight'"):
+        upcycle_fx.rewrite(dense, "all", example_inputs=(x,))
+    sparse = upcycle_fx.rewrite(dense, "all", example_inputs=(x,), verify=False)
+    with pytest.raises(upcycle_fx.RewriteError, match="no longer exists"):
+        sparse(x)
+    assert getattr(sparse.blocks[1].up, "weight", None) is None and not hasattr(sparse.blocks[1].up, "bias")

@@ -29,12 +29,30 @@ from .find_mlps import MLPMatch
 from .splice import SplicePlan, check_spliceable, enclosing_module, splice
 
 
+class FoldedModuleError(RewriteError, AttributeError):
+    """Code read an attribute (a weight) of a dense FFN module that the rewrite folded into an MoE."""
+
+
 class FoldedIntoMoE(nn.Identity):
-    """Stands where a dense FFN module was; its work now happens in the MoE at `moe_path`."""
+    """Stands where a dense FFN module was; its work now happens in the MoE at `moe_path`.
+
+    Reading what the dense module had (`.weight`, `.bias`, ...) raises `FoldedModuleError`,
+    which names the MoE: such a read sits in code the capture could not see."""
 
     def __init__(self, moe_path: str, replaced: str) -> None:
         super().__init__()
         self.moe_path, self.replaced = moe_path, replaced
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name in ("moe_path", "replaced"):
+                raise
+            raise FoldedModuleError(
+                f"this {self.replaced} was folded into the MoE at {self.moe_path!r} by the rewrite, so "
+                f"its {name!r} no longer exists. Code outside the FFN reads it (code the capture "
+                "could not trace); change that code, or leave this FFN dense (pattern=[...]).") from None
 
     def extra_repr(self) -> str:
         return f"was {self.replaced}, now inside {self.moe_path!r}"
