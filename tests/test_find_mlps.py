@@ -125,3 +125,30 @@ def test_find_mlps_does_not_touch_the_model():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, out_before)
+
+
+def test_registering_a_new_activation_name_makes_its_ffns_convert():
+    """`register_activation(nn.Mish, "mish")`, as the rejection message recommends, is enough:
+    the Mish FFN is found and converts exactly (it used to stay rejected: "mish" was not in the
+    built-in list of FFN activations)."""
+    from upcycle_fx.patterns import vocabulary
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 48), nn.Mish(), nn.Linear(48, 16)).eval()
+    assert len(upcycle_fx.find_mlps(dense)) == 0
+    upcycle_fx.register_activation(nn.Mish, "mish")
+    try:
+        found = upcycle_fx.find_mlps(dense)
+        assert [m.activation for m in found] == ["mish"]
+        x = torch.randn(6, 16)
+        sparse = upcycle_fx.rewrite(dense, "all", num_experts=4, top_k=2, example_inputs=(x,))
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x * 2), dense(x * 2), rtol=1e-5, atol=1e-6)
+    finally:
+        vocabulary._registered_activations.pop(nn.Mish)
+
+
+@pytest.mark.parametrize("args", [(lambda x: x, "mish"), (nn.Mish, ""), (nn.Mish, "not a name")])
+def test_register_activation_rejects_bad_arguments(args):
+    with pytest.raises(upcycle_fx.UpcycleConfigError):
+        upcycle_fx.register_activation(*args)

@@ -754,3 +754,44 @@ def test_float64_experts_use_fallback_and_match(kind, monkeypatch):
     with torch.no_grad():
         dispatch(x.float(), routing, experts.float(), "grouped")
     assert calls == [torch.float32, torch.float32]
+
+
+# ----------------------------------------------------------------------------- a bias on one half
+
+
+class _HalfBiasGLU(nn.Module):
+    """SwiGLU with a bias on only the gate (or only the up) projection."""
+
+    def __init__(self, biased: str, d: int = 12, f: int = 20):
+        super().__init__()
+        self.gate = nn.Linear(d, f, bias=biased == "gate")
+        self.up = nn.Linear(d, f, bias=biased == "up")
+        self.down = nn.Linear(f, d)
+
+    def forward(self, x):
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("biased, half", [("gate", 0), ("up", 1)])
+@pytest.mark.parametrize("capacity_factor", [None, 8.0])
+def test_bias_on_one_half_is_stored_alone_and_exact(biased, half, capacity_factor):
+    """Only the bias that exists is stored ([E, d_ff], not [E, 2·d_ff] with zeros: E·d_ff
+    parameters the dense FFN never had); outputs and gradients match the dense FFN."""
+    import upcycle_fx
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(_HalfBiasGLU(biased), _HalfBiasGLU(biased)).eval()
+    sparse = upcycle_fx.rewrite(dense, "all", num_experts=4, top_k=2, router_init_std=1.0,
+                                capacity_factor=capacity_factor, verify=False)
+    (_, moe), _ = upcycle_fx.moe_layers(sparse)
+    experts = moe.experts
+    assert experts.up_bias.shape == (4, 20) and experts.up_bias_half == half
+    dense_params = sum(p.numel() for p in dense[0].parameters())
+    assert experts.ffn_numel() == dense_params
+    x = torch.randn(9, 12)
+    for impl in ("auto", "grouped", "loop"):
+        moe.dispatch_impl = impl
+        with torch.no_grad():
+            assert_rel(sparse(x), dense(x), 1e-5, impl)
+    sparse.train()(x).square().sum().backward()
+    assert experts.up_bias.grad is not None and torch.isfinite(experts.up_bias.grad).all()

@@ -77,6 +77,10 @@ def _decode_problem(x: torch.Tensor, routing: Routing, experts) -> str | None:
         return "Triton is not installed"
     if not isinstance(experts, Experts):
         return "it takes the experts of one process (an `Experts`)"
+    if experts.up_bias_half is not None:
+        return "its bias layout covers all rows of the up projection, these experts have a bias on one half only"
+    if routing.slots is not None:
+        return "capacity routings (with dropped assignments or empty slots) take the 'batched' path"
     if routing.expert_idx.numel() > DECODE_MAX_ROWS:
         return f"it takes at most {DECODE_MAX_ROWS} assignments (got {routing.expert_idx.numel()})"
     if x.dtype not in DECODE_DTYPES or experts.up_proj.dtype != x.dtype:
@@ -91,10 +95,14 @@ def _accumulator(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
 
-def _combine(x: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """out[tokens[i]] += weight[i] · y[i], accumulated in float32, returned in x's dtype."""
+def _combine(x: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+             used: torch.Tensor) -> torch.Tensor:
+    """out[tokens[i]] += weight[i] · y[i] where `used[i]`, accumulated in float32 (float64 stays
+    float64), returned in x's dtype. Unused rows (dropped assignments, empty slots) add exactly
+    nothing, even where their y is not finite."""
     out = _accumulator(x)
-    return out.index_add_(0, tokens, y.to(out.dtype) * weight[:, None]).to(x.dtype)
+    contribution = torch.where(used[:, None], y.to(out.dtype) * weight[:, None].to(out.dtype), 0.0)
+    return out.index_add_(0, tokens, contribution).to(x.dtype)
 
 
 def _dispatch_loop(x: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
@@ -103,9 +111,10 @@ def _dispatch_loop(x: torch.Tensor, routing: Routing, experts: Experts) -> torch
         rows = (routing.expert_idx == expert).nonzero().squeeze(-1)
         if rows.numel() == 0:
             continue
+        rows = rows[routing.kept[rows]]
         tokens = routing.token_idx[rows]
         y = experts.forward_expert(expert, x[tokens]).to(out.dtype)
-        out.index_add_(0, tokens, y * routing.weight[rows, None])
+        out.index_add_(0, tokens, y * routing.weight[rows, None].to(out.dtype))
     return out.to(x.dtype)
 
 
@@ -116,12 +125,13 @@ def _dispatch_grouped(x: torch.Tensor, routing: Routing, experts: Experts) -> to
     counts = expert_counts(expert_sorted, experts.num_experts)
     offsets = counts.cumsum(0).to(torch.int32)
     y = experts.forward_grouped(x[token_sorted], expert_sorted, offsets, counts)
-    return _combine(x, token_sorted, y, routing.weight[order])
+    return _combine(x, token_sorted, y, routing.weight[order], routing.kept[order])
 
 
 def _dispatch_batched(x: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
     slots = routing.slots
     num_experts, capacity = slots.token.shape
-    tokens = slots.token.reshape(-1)
-    y = experts.forward_batched(x[tokens].view(num_experts, capacity, -1))
-    return _combine(x, tokens, y.reshape(num_experts * capacity, -1), slots.weight.reshape(-1))
+    tokens, filled = slots.token.reshape(-1), slots.filled.reshape(-1)
+    rows = torch.where(filled[:, None], x[tokens], 0.0)  # empty slots run on zeros, not on token 0
+    y = experts.forward_batched(rows.view(num_experts, capacity, -1))
+    return _combine(x, tokens, y.reshape(num_experts * capacity, -1), slots.weight.reshape(-1), filled)

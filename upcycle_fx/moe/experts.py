@@ -16,7 +16,8 @@ class FFNWeights:
     """The dense FFN's weights in the nn.Linear layout, gate before up for gated FFNs.
 
     up: [F_in, D] with F_in = 2·d_ff for gated FFNs ([gate; up]) and d_ff otherwise;
-    down: [D, d_ff]; biases may be None.
+    down: [D, d_ff]; biases may be None. A gated FFN with a bias on only one of its gate and up
+    projections has `up_bias` [d_ff] for that half alone and `up_bias_half` 0 (gate) or 1 (up).
     """
 
     up: torch.Tensor
@@ -24,6 +25,7 @@ class FFNWeights:
     down: torch.Tensor
     down_bias: torch.Tensor | None
     gated: bool
+    up_bias_half: int | None = None
 
     @property
     def d_model(self) -> int:
@@ -42,20 +44,28 @@ class Experts(nn.Module):
     """E experts with stacked weights (the layout of HF v5, torchtitan and ONNX Runtime's MoE).
 
     up_proj: [E, F_in, D] (gated: gate rows then up rows), up_bias: [E, F_in] or None,
-    down_proj: [E, D, d_ff], down_bias: [E, D] or None. `activation` is the dense FFN's own
-    activation module (applied to the gate half for gated experts); `hidden_dropout` is the
-    dropout the dense FFN applied to its hidden activations, kept so training behaves the same.
+    down_proj: [E, D, d_ff], down_bias: [E, D] or None. Where the dense FFN had a bias on only
+    its gate (or only its up) projection, `up_bias` is [E, d_ff] for that half alone and
+    `up_bias_half` is 0 (or 1): the experts store no parameters the dense FFN did not have.
+    `activation` is the dense FFN's own activation module (applied to the gate half for gated
+    experts); `hidden_dropout` is the dropout the dense FFN applied to its hidden activations,
+    kept so training behaves the same.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, gated: bool,
                  activation: nn.Module, activation_name: str = "custom", up_bias: bool = True,
-                 down_bias: bool = True, hidden_dropout: float = 0.0, device=None, dtype=None) -> None:
+                 down_bias: bool = True, hidden_dropout: float = 0.0, up_bias_half: int | None = None,
+                 device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         up_rows = 2 * d_ff if gated else d_ff
+        if up_bias_half not in ((None, 0, 1) if gated and up_bias else (None,)):
+            raise ValueError(f"up_bias_half={up_bias_half!r}: only gated experts with an up bias have halves")
+        bias_rows = up_rows if up_bias_half is None else d_ff
         self.num_experts, self.d_model, self.d_ff, self.gated = num_experts, d_model, d_ff, gated
+        self.up_bias_half = up_bias_half
         self.up_proj = nn.Parameter(torch.empty(num_experts, up_rows, d_model, **factory))
-        self.up_bias = nn.Parameter(torch.empty(num_experts, up_rows, **factory)) if up_bias else None
+        self.up_bias = nn.Parameter(torch.empty(num_experts, bias_rows, **factory)) if up_bias else None
         self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
         self.down_bias = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if down_bias else None
         self.activation = activation
@@ -70,7 +80,8 @@ class Experts(nn.Module):
         experts = cls(num_experts, ffn.d_model, ffn.d_ff, gated=ffn.gated, activation=activation,
                       activation_name=activation_name,
                       up_bias=ffn.up_bias is not None, down_bias=ffn.down_bias is not None,
-                      hidden_dropout=hidden_dropout, device=ffn.up.device, dtype=ffn.up.dtype)
+                      up_bias_half=ffn.up_bias_half, hidden_dropout=hidden_dropout,
+                      device=ffn.up.device, dtype=ffn.up.dtype)
         with torch.no_grad():
             pairs = [(experts.up_proj, ffn.up), (experts.up_bias, ffn.up_bias),
                      (experts.down_proj, ffn.down), (experts.down_bias, ffn.down_bias)]
@@ -113,7 +124,8 @@ class Experts(nn.Module):
 
     def forward_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `expert` applied to rows x: [n, D] -> [n, D] (the reference path)."""
-        up_bias = None if self.up_bias is None else self.up_bias[expert]
+        up_bias = up_bias_rows(self)
+        up_bias = None if up_bias is None else up_bias[expert]
         down_bias = None if self.down_bias is None else self.down_bias[expert]
         hidden = self.hidden(F.linear(x, self.up_proj[expert], up_bias))
         return F.linear(hidden, self.down_proj[expert], down_bias)
@@ -131,7 +143,7 @@ class Experts(nn.Module):
         if self.up_bias is not None or self.down_bias is not None:
             membership = F.one_hot(expert_idx, self.num_experts).to(x.dtype)
         if self.up_bias is not None:
-            up_out = up_out + membership @ self.up_bias
+            up_out = up_out + membership @ up_bias_rows(self)
         out = grouped_linear(self.hidden(up_out), self.down_proj, offsets, counts)
         if self.down_bias is not None:
             out = out + membership @ self.down_bias
@@ -141,7 +153,7 @@ class Experts(nn.Module):
         """Slots x: [E, C, D] (C rows for each expert) -> [E, C, D], one bmm each way."""
         up_out = torch.bmm(x, self.up_proj.transpose(1, 2))
         if self.up_bias is not None:
-            up_out = up_out + self.up_bias[:, None]
+            up_out = up_out + up_bias_rows(self)[:, None]
         out = torch.bmm(self.hidden(up_out), self.down_proj.transpose(1, 2))
         if self.down_bias is not None:
             out = out + self.down_bias[:, None]
@@ -149,6 +161,16 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "gated" if self.gated else "dense"
+        up_bias = ("gate", "up")[self.up_bias_half] if self.up_bias_half is not None else self.up_bias is not None
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-                f"{kind} {self.activation_name}, bias={self.up_bias is not None}/{self.down_bias is not None}, "
+                f"{kind} {self.activation_name}, bias={up_bias}/{self.down_bias is not None}, "
                 f"hidden_dropout={self.hidden_dropout}")
+
+
+def up_bias_rows(experts) -> torch.Tensor | None:
+    """The up projection's bias over all its rows, [E, F_in], or None. A bias on only the gate (or
+    up) half is stored alone and zero-padded here (differentiably), for the forward paths."""
+    bias, half = experts.up_bias, getattr(experts, "up_bias_half", None)
+    if bias is None or half is None:
+        return bias
+    return F.pad(bias, (0, experts.d_ff) if half == 0 else (experts.d_ff, 0))

@@ -63,7 +63,7 @@ LOCAL_STATS = RouterStats()
 
 
 class MoE(nn.Module):
-    """Mixture of Experts replacing one dense FFN: `.router` (d_model -> E, float32) and `.experts`.
+    """Mixture of Experts replacing one dense FFN: `.router` (d_model -> E, logits in float32) and `.experts`.
 
     Input [..., d_model] -> output [..., d_model]. After each forward the layer keeps, for
     logging and for `upcycle_fx.aux_loss`: `last_aux_loss` (weighted load-balancing + z-loss,
@@ -111,6 +111,12 @@ class MoE(nn.Module):
         out = dispatch(tokens, routing, experts, self.dispatch_impl)
         self._record(logits, routing)
         return out.reshape(x.shape)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's statistics (the aux loss holds an
+        autograd graph, which `copy.deepcopy` refuses)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "last_aux_loss": None, "last_expert_load": None, "last_dropped": None}
 
     def reset_stats(self) -> None:
         """Forget the last forward's losses and loads."""

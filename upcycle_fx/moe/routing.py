@@ -20,18 +20,21 @@ EXPERT_CHOICE_CAPACITY = 2.0  # the paper's C for expert choice when none is giv
 @dataclass
 class Slots:
     """Capacity layout: slot c of expert e serves token `token[e, c]` with weight `weight[e, c]`.
-    Empty slots point at token 0 with weight 0."""
+    Empty slots (`filled` False) point at token 0 with weight 0; the dispatch masks them, so an
+    expert that overflows on token 0 cannot reach it through an empty slot (0 · inf = NaN)."""
 
     token: torch.Tensor   # [E, C] int64
-    weight: torch.Tensor  # [E, C] float32
+    weight: torch.Tensor  # [E, C] routing dtype
+    filled: torch.Tensor  # [E, C] bool
 
 
 @dataclass
 class Routing:
     """Assignments of tokens to experts, one row per (token, expert) pair.
 
-    token_idx, expert_idx: [N] int64; weight: [N] float32 (0 for dropped assignments);
-    kept: [N] bool; probs: [T, E] float32 router probabilities (for the auxiliary losses);
+    token_idx, expert_idx: [N] int64; weight: [N] in the routing dtype (0 for dropped
+    assignments); kept: [N] bool; probs: [T, E] router probabilities (for the auxiliary losses).
+    The routing dtype is float32, or float64 for float64 logits (see `routing_dtype`);
     slots: the same kept assignments as a static [E, C] table, for capacity routings.
     """
 
@@ -57,6 +60,12 @@ def expert_counts(expert_idx: torch.Tensor, num_experts: int,
         0, expert_idx, values)
 
 
+def routing_dtype(logits: torch.Tensor) -> torch.dtype:
+    """Routing runs in float32 (rounding-sensitive decisions, ST-MoE), and in float64 for float64
+    models, whose combine weights must sum to 1 to float64 precision to keep the function."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
                   capacity_factor: float | None = None) -> Routing:
     """Token choice: softmax over all experts, each token takes its k best.
@@ -67,7 +76,7 @@ def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
     the rest get weight 0 and the token's output falls back to the residual path.
     """
     num_tokens, num_experts = logits.shape
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(logits.to(routing_dtype(logits)), dim=-1)
     weight, expert = torch.topk(probs, k, dim=-1)
     if normalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
@@ -78,7 +87,8 @@ def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
     kept = torch.ones_like(expert_idx, dtype=torch.bool)
     if capacity_factor is None:
         return Routing(token_idx, expert_idx, weight, kept, probs, num_experts)
-    capacity = max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+    # A token takes an expert at most once, so no expert needs more than T slots.
+    capacity = min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * k / num_experts)))
     one_hot = torch.nn.functional.one_hot(expert_idx, num_experts)
     position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
     kept = position < capacity
@@ -87,10 +97,13 @@ def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
     slot = torch.where(kept, expert_idx * capacity + position, num_experts * capacity)
     table_token = torch.zeros(num_experts * capacity + 1, dtype=torch.long, device=logits.device)
     table_weight = torch.zeros(num_experts * capacity + 1, dtype=weight.dtype, device=logits.device)
+    table_filled = torch.zeros(num_experts * capacity + 1, dtype=torch.bool, device=logits.device)
     table_token.scatter_(0, slot, token_idx)
     table_weight.scatter_(0, slot, weight)
+    table_filled.scatter_(0, slot, kept)
     slots = Slots(table_token[:-1].view(num_experts, capacity),
-                  table_weight[:-1].view(num_experts, capacity))
+                  table_weight[:-1].view(num_experts, capacity),
+                  table_filled[:-1].view(num_experts, capacity))
     return Routing(token_idx, expert_idx, weight, kept, probs, num_experts, slots)
 
 
@@ -101,11 +114,11 @@ def expert_choice_routing(logits: torch.Tensor, capacity_factor: float) -> Routi
     tokens of the batch at once, so it is not causal (mind autoregressive decoding).
     """
     num_tokens, num_experts = logits.shape
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(logits.to(routing_dtype(logits)), dim=-1)
     capacity = min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens / num_experts)))
     weight, token = torch.topk(probs.t(), capacity, dim=-1)  # [E, capacity]
     expert_idx = torch.arange(num_experts, device=logits.device).repeat_interleave(capacity)
     token_idx = token.reshape(-1)
     kept = torch.ones_like(token_idx, dtype=torch.bool)
-    slots = Slots(token, weight)
+    slots = Slots(token, weight, torch.ones_like(token, dtype=torch.bool))
     return Routing(token_idx, expert_idx, weight.reshape(-1), kept, probs, num_experts, slots)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 from ..capture import Capture, CapturedRegion, LeafPolicy, capture
 from ..patterns import PATTERNS, FFNSite, build_view
@@ -33,6 +35,7 @@ class MLPMatch:
     stack: str | None
     block: int | None
     site: FFNSite = field(repr=False, compare=False)
+    outside_uses: tuple["OutsideUse", ...] = field(default=(), compare=False)  # its weights used elsewhere
 
     @property
     def path(self) -> str:
@@ -48,6 +51,18 @@ class MLPMatch:
         where = f"{self.stack}[{self.block}]" if self.stack is not None else self.path or "<model>"
         return (f"#{self.index} {where}: {self.kind} {self.activation} d_model={self.d_model} "
                 f"d_ff={self.d_ff} ({', '.join(self.paths)})")
+
+
+@dataclass(frozen=True)
+class OutsideUse:
+    """A use of an FFN's weight other than by the FFN: a graph node reading it, or another name
+    the same parameter is registered under (node None)."""
+
+    what: str
+    node: fx.Node | None = None
+
+    def __str__(self) -> str:
+        return self.what
 
 
 @dataclass(frozen=True)
@@ -73,17 +88,34 @@ class MLPList(list):
 def find_mlps(model: nn.Module, example_inputs: Any = None,
               leaf_policy: LeafPolicy | None = None) -> MLPList:
     """Capture `model` and run every registered pattern over each captured region."""
-    captured = capture(model, example_inputs, leaf_policy)
     sites: list[FFNSite] = []
     near: list[NearMiss] = []
-    for region in captured.regions:
-        found, missed = match_region(region)
-        sites += found
-        near += missed
+    with buffers_kept(model):
+        captured = capture(model, example_inputs, leaf_policy)
+        for region in captured.regions:
+            found, missed = match_region(region)
+            sites += found
+            near += missed
     region_rank = {id(r): i for i, r in enumerate(captured.regions)}
     sites.sort(key=lambda s: (region_rank[id(s.region)], s.order))
-    matches = [_describe(model, i, site) for i, site in enumerate(sites)]
+    matches = [_describe(model, i, site, captured.regions) for i, site in enumerate(sites)]
     return MLPList(matches, near, captured.failures, captured)
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Leave every buffer as it was: capture runs the model (example forward, shadow values), and
+    in training mode that updates BatchNorm statistics and spectral-norm power iterations."""
+    saved = [(module, name, buffer, buffer.detach().clone())
+             for module in model.modules() for name, buffer in module.named_buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buffer, value in saved:
+                setattr(module, name, buffer)
+                if buffer.device.type != "meta" and not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 def match_region(region: CapturedRegion) -> tuple[list[FFNSite], list[NearMiss]]:
@@ -103,10 +135,32 @@ def match_region(region: CapturedRegion) -> tuple[list[FFNSite], list[NearMiss]]
     return sites, near
 
 
-def _describe(model: nn.Module, index: int, site: FFNSite) -> MLPMatch:
+def _describe(model: nn.Module, index: int, site: FFNSite, regions: list[CapturedRegion]) -> MLPMatch:
     paths = tuple(p.owner for p in site.projections)
     stack, block = block_position(model, paths)
     return MLPMatch(
         index=index, kind=site.kind, activation=site.activation, d_model=site.d_model,
         d_ff=site.d_ff, paths=paths, style=site.down.style,
-        bias=any(p.bias is not None for p in site.projections), stack=stack, block=block, site=site)
+        bias=any(p.bias is not None for p in site.projections), stack=stack, block=block, site=site,
+        outside_uses=outside_uses(model, site, regions))
+
+
+def outside_uses(model: nn.Module, site: FFNSite, regions: list[CapturedRegion]) -> tuple[OutsideUse, ...]:
+    """Where the FFN's weights are used other than by the FFN: read in a captured graph outside
+    the match (a tie written in code, `x @ self.mlp.fc1.weight.T`; reads nothing consumes do not
+    count), or registered under another name (a tied parameter). The rewrite removes the dense
+    weights, so such uses would break (unless they sit inside the module the MoE replaces)."""
+    tensors = {f"{p.owner}.{name}": getattr(model.get_submodule(p.owner), name)
+               for p in site.projections for name in (p.weight, p.bias) if name is not None}
+    uses = []
+    for region in regions:
+        for node in region.graph.nodes:
+            if (node.op == "get_attr" and node.users and node not in site.members
+                    and region.absolute(node.target) in tensors):
+                users = ", ".join(u.name for u in node.users)
+                uses.append(OutsideUse(f"{region.absolute(node.target)} is read outside the FFN (by {users})", node))
+    ids = {id(t): path for path, t in tensors.items()}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in ids and path not in tensors:
+            uses.append(OutsideUse(f"{ids[id(param)]} is the same parameter as {path}"))
+    return tuple(uses)

@@ -1,21 +1,30 @@
 """Graph splice: the rewrite for FFNs that no module holds on its own.
 
 An FFN written inline with functional ops, `x + self.down(F.gelu(self.up(self.norm(x))))`,
-has no module to swap. Its enclosing module is then re-traced on its own and replaced by a
-GraphModule in which the FFN's nodes are one call to the MoE. Two things must not be frozen
-by the trace: functional dropout's `training` flag (the module is traced in train and in eval
-mode; a flag that differs becomes an `nn.Dropout` module, a constant stays a constant), and
-any other behaviour that depends on the mode (the two traces must otherwise be identical).
+has no module to swap. Its enclosing module is then re-traced on its own, the FFN's nodes
+become one call to the MoE, and the module keeps its identity: its class becomes a subclass of
+its own class (same name, `isinstance` still holds) whose `forward` runs the new graph. So its
+other methods, attributes, hooks, submodules and every reference to it stay as they were (a
+GraphModule would hold only what the traced forward used). The FFN's modules that nothing else
+uses become `FoldedIntoMoE` identities and its raw weights are deleted, so the dense FFN is not
+kept twice. Two things must not be frozen by the trace: functional dropout's `training` flag
+(the module is traced in train and in eval mode; a flag that differs becomes an `nn.Dropout`
+module, a constant stays a constant), and any other behaviour that depends on the mode (the two
+traces must otherwise be identical).
 """
 
 from __future__ import annotations
 
+import itertools
+import linecache
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..capture._fx_private import module_hooks
+from ..capture.leaves import LeafPolicy
 from ..capture.regions import trace_region
 from ..errors import RewriteError
 from ..moe import MoE
@@ -47,6 +56,22 @@ def enclosing_module(match: MLPMatch) -> str:
         raise RewriteError(f"FFN #{match.index} ({', '.join(match.paths)}) is not inside any module "
                            "called exactly once; it cannot be rewritten")
     return best[1]
+
+
+def check_spliceable(model: nn.Module, path: str) -> None:
+    """RewriteError if re-tracing the module at `path` would freeze a hook: the trace runs
+    through its non-leaf submodules, so their hooks would run once, at capture, and never again
+    (hooks on the module itself and on leaves stay, since those are still called)."""
+    block, policy = model.get_submodule(path), LeafPolicy()
+    for name, module in block.named_modules():
+        kinds = module_hooks(module)
+        if name and kinds and not policy.is_leaf(module, name):
+            where = ".".join(p for p in (path, name) if p)
+            raise RewriteError(
+                f"{where}: the FFN inside {path or '<model>'} is written inline, so that module is "
+                f"re-traced, and the {kinds[0]} on {where} would run only once, while tracing. Remove "
+                "it before the rewrite (and register it again afterwards), or move the FFN into its "
+                "own nn.Module.")
 
 
 def _training_flag(node: fx.Node) -> object:
@@ -85,31 +110,97 @@ def _trace_both_modes(module: nn.Module, path: str):
 
 
 def splice(model: nn.Module, plan: SplicePlan, moes: list[MoE]) -> nn.Module:
-    """Replace `plan.path` in `model` by a GraphModule with the FFNs as MoE calls."""
-    from .upcycle import set_submodule
-
+    """Make the module at `plan.path` in `model` run its re-traced graph with the FFNs as MoE
+    calls (in place: the module object stays, its class becomes a `SplicedModule` subclass)."""
     module = model.get_submodule(plan.path)
     region, eval_region = _trace_both_modes(module, plan.path)
     graph = region.graph
     sites = {tuple(p.owner for p in s.projections): s for s in match_region(region)[0]}
+    removed: dict[str, str] = {}  # graph target the FFN used -> name of the MoE that replaces it
     for index, (match, moe) in enumerate(zip(plan.matches, moes)):
         site = sites.get(match.paths)
         if site is None:
             raise RewriteError(f"{plan.path}: FFN #{match.index} was not found again when the module "
                                "was traced on its own")
         name = _free_name(module, f"moe_{index}")
-        module.add_module(name, moe)
+        module.add_module(name, moe.train(module.training))
         with graph.inserting_before(site.y):
             call = graph.call_module(name, (site.x,))
         site.y.replace_all_uses_with(call)
         for node in sorted(site.members, key=lambda n: n.meta["order"], reverse=True):
+            if node.op in ("call_module", "get_attr"):
+                removed.setdefault(node.target, name)
             if not node.users:
                 graph.erase_node(node)
     _dropouts_follow_mode(module, graph, eval_region.graph)
     graph.lint()
-    spliced = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    spliced.train(module.training)
-    return set_submodule(model, plan.path, spliced)
+    _drop_dense_parts(module, graph, removed, plan.path)
+    module.__class__ = spliced_class(type(module), graph)
+    return model
+
+
+class SplicedModule:
+    """Mixed into the class of every spliced module: `forward` runs `spliced_graph`.
+
+    Pickling and deep copies rebuild the class from (original class, graph), since the class
+    itself is made at run time and cannot be found by name.
+    """
+
+    spliced_graph: fx.Graph
+    spliced_code: str
+    _spliced_base: type
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild_spliced, (self._spliced_base, self.spliced_graph), self.__dict__
+
+
+def is_spliced(module: nn.Module) -> bool:
+    """Whether `module` runs a re-traced graph holding MoE calls (see `splice`)."""
+    return isinstance(module, SplicedModule)
+
+
+_counter = itertools.count()
+
+
+def spliced_class(base: type, graph: fx.Graph) -> type:
+    """A subclass of `base`, named like it, whose `forward` is the Python code of `graph`."""
+    base = base._spliced_base if issubclass(base, SplicedModule) else base
+    code = graph.python_code(root_module="self")
+    filename = f"<upcycle_fx spliced {base.__qualname__} #{next(_counter)}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - code generated by torch.fx
+    attributes = {"forward": namespace["forward"], "spliced_graph": graph, "spliced_code": code.src,
+                  "_spliced_base": base, "__module__": base.__module__, "__qualname__": base.__qualname__,
+                  "__doc__": base.__doc__}
+    return type(base.__name__, (SplicedModule, base), attributes)
+
+
+def _rebuild_spliced(base: type, graph: fx.Graph) -> nn.Module:
+    cls = spliced_class(base, graph)
+    return cls.__new__(cls)
+
+
+def _drop_dense_parts(module: nn.Module, graph: fx.Graph, removed: dict[str, str], path: str) -> None:
+    """The FFN's submodules that the graph no longer calls become `FoldedIntoMoE`; its raw
+    weights (read by `F.linear`) that it no longer reads are deleted."""
+    from .upcycle import FoldedIntoMoE, set_submodule
+
+    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    for target, moe_name in removed.items():
+        if target in used or any(u.startswith(target + ".") for u in used):
+            continue
+        owner_path, _, name = target.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        children = dict(owner.named_children())
+        tensors = {**dict(owner.named_parameters(recurse=False)), **dict(owner.named_buffers(recurse=False))}
+        if name in children:
+            replaced = children[name]
+            moe_path = ".".join(p for p in (path, moe_name) if p)
+            folded = FoldedIntoMoE(moe_path, type(replaced).__name__).train(replaced.training)
+            set_submodule(module, target, folded)
+        elif name in tensors:
+            delattr(owner, name)
 
 
 def _dropouts_follow_mode(module: nn.Module, graph: fx.Graph, eval_graph: fx.Graph) -> None:
@@ -120,7 +211,7 @@ def _dropouts_follow_mode(module: nn.Module, graph: fx.Graph, eval_graph: fx.Gra
             continue
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         name = _free_name(module, "dropout")
-        module.add_module(name, nn.Dropout(float(p)))
+        module.add_module(name, nn.Dropout(float(p)).train(module.training))
         with graph.inserting_before(node):
             replacement = graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(replacement)

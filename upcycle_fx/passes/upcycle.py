@@ -20,19 +20,39 @@ from torch import fx, nn
 
 from ..capture.leaves import is_projection_module
 from ..config import UpcycleConfig
+from ..errors import RewriteError
 from ..moe import MoE, MoESettings, Router
 from ..moe.experts import Experts, FFNWeights
 from ..patterns import FFNSite
+from ..patterns.plain import module_problem
 from .find_mlps import MLPMatch
-from .splice import SplicePlan, enclosing_module, splice
+from .splice import SplicePlan, check_spliceable, enclosing_module, splice
+
+
+class FoldedModuleError(RewriteError, AttributeError):
+    """Code read an attribute (a weight) of a dense FFN module that the rewrite folded into an MoE."""
 
 
 class FoldedIntoMoE(nn.Identity):
-    """Stands where a dense FFN module was; its work now happens in the MoE at `moe_path`."""
+    """Stands where a dense FFN module was; its work now happens in the MoE at `moe_path`.
+
+    Reading what the dense module had (`.weight`, `.bias`, ...) raises `FoldedModuleError`,
+    which names the MoE: such a read sits in code the capture could not see."""
 
     def __init__(self, moe_path: str, replaced: str) -> None:
         super().__init__()
         self.moe_path, self.replaced = moe_path, replaced
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name in ("moe_path", "replaced"):
+                raise
+            raise FoldedModuleError(
+                f"this {self.replaced} was folded into the MoE at {self.moe_path!r} by the rewrite, so "
+                f"its {name!r} no longer exists. Code outside the FFN reads it (code the capture "
+                "could not trace); change that code, or leave this FFN dense (pattern=[...]).") from None
 
     def extra_repr(self) -> str:
         return f"was {self.replaced}, now inside {self.moe_path!r}"
@@ -89,22 +109,56 @@ def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node,
     return tail
 
 
+def _check_replaceable(model: nn.Module, match: MLPMatch, plan: SwapPlan | None) -> None:
+    """RewriteError if replacing this FFN would drop something: a use of its weights outside it,
+    or a hook / patched forward / parametrization on a module the swap removes."""
+    where = f"FFN #{match.index} ({', '.join(match.paths)})"
+    uses = [str(u) for u in match.outside_uses if not _inside_host(u.node, match, plan)]
+    if uses:
+        raise RewriteError(
+            f"{where}: its weights are also used outside it ({'; '.join(uses[:3])}), "
+            "and the MoE replaces them. Untie them before the rewrite (e.g. give the other use its "
+            "own copy of the weight), or leave this FFN dense (pattern=[...] without it).")
+    if plan is None:
+        return
+    removed = [(".".join(q for q in (plan.host, p) if q), m)
+               for p, m in model.get_submodule(plan.host).named_modules()]
+    removed += [(path, model.get_submodule(path)) for path in plan.folded]
+    for path, module in removed:
+        problem = module_problem(module, path or "<model>")
+        if problem is not None:
+            raise RewriteError(f"{where}: the MoE replaces {path or '<model>'}, but: {problem}.")
+
+
+def _inside_host(node: fx.Node | None, match: MLPMatch, plan: SwapPlan | None) -> bool:
+    """Whether a read of the FFN's weight happens inside the module the MoE replaces (T5's
+    DenseReluDense reads `self.wo.weight.dtype`): it goes away with that module."""
+    if node is None or plan is None:
+        return False
+    region = match.site.region
+    spans = [s for s in region.spans if region.absolute(s.path) == plan.host]
+    return node.graph is region.graph and any(s.created(node) for s in spans)
+
+
 def dense_weights(site: FFNSite, model: nn.Module) -> FFNWeights:
     """The FFN's weights read from `model`, in the nn.Linear layout, gate rows before up rows."""
     up, up_bias = site.up.tensors(model)
     down, down_bias = site.down.tensors(model)
+    half = None
     if site.kind == "gated":
         gate, gate_bias = site.gate.tensors(model)
-        if (gate_bias is None) != (up_bias is None):
-            gate_bias = gate.new_zeros(gate.shape[0]) if gate_bias is None else gate_bias
-            up_bias = up.new_zeros(up.shape[0]) if up_bias is None else up_bias
+        if (gate_bias is None) != (up_bias is None):  # keep only the bias that exists
+            half = 0 if gate_bias is not None else 1
+            up_bias = gate_bias if gate_bias is not None else up_bias
+        elif up_bias is not None:
+            up_bias = torch.cat([gate_bias, up_bias])
         up = torch.cat([gate, up])
-        up_bias = None if up_bias is None else torch.cat([gate_bias, up_bias])
     elif site.kind == "fused_gated" and site.gate_half == 1:
         up = torch.cat(up.chunk(2)[::-1])
         up_bias = None if up_bias is None else torch.cat(up_bias.chunk(2)[::-1])
     return FFNWeights(up.detach(), None if up_bias is None else up_bias.detach(), down.detach(),
-                      None if down_bias is None else down_bias.detach(), gated=site.kind != "dense")
+                      None if down_bias is None else down_bias.detach(), gated=site.kind != "dense",
+                      up_bias_half=half)
 
 
 def extract_activation(site: FFNSite) -> nn.Module:
@@ -158,8 +212,11 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
     swaps = {m.index: plan_swap(m) for m in matches}  # plan everything before touching the model
     splices: dict[str, list[MLPMatch]] = {}
     for m in matches:
+        _check_replaceable(model, m, swaps[m.index])
         if swaps[m.index] is None:
             splices.setdefault(enclosing_module(m), []).append(m)
+    for path in splices:
+        check_spliceable(model, path)
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
     moes = {m.index: build_moe(m, model, config, generator) for m in matches}
     for m in matches:

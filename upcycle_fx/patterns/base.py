@@ -15,9 +15,11 @@ import networkx as nx
 from networkx.algorithms import isomorphism
 from torch import fx
 
+from ..capture.leaves import is_projection_module
 from ..capture.regions import CapturedRegion
+from .plain import global_hooks_problem, module_problem, projection_problem
 from .view import PatternView
-from .vocabulary import FFN_ACTIVATIONS, Part, Projection
+from .vocabulary import Part, Projection, is_ffn_activation
 
 ANY = "*"
 
@@ -111,7 +113,7 @@ class FFNPattern:
         if not result:
             return result
         site = result.site
-        for check in (_check_activation, _check_leaks, _check_single_calls):
+        for check in (_check_activation, _check_leaks, _check_single_calls, _check_plain_modules):
             failure = check(site)
             if failure is not None:
                 return failure
@@ -158,7 +160,7 @@ def part_of(view: PatternView, node: fx.Node) -> Part:
 
 
 def _check_activation(site: FFNSite) -> MatchResult | None:
-    if site.activation not in FFN_ACTIVATIONS:
+    if not is_ffn_activation(site.activation):
         return MatchResult.fail(
             f"activation {site.activation!r} is not an FFN activation (a pooler or head?); "
             "if it is one, name it with upcycle_fx.register_activation", *site.activation_nodes)
@@ -182,4 +184,23 @@ def _check_single_calls(site: FFNSite) -> MatchResult | None:
         if calls != 1:
             return MatchResult.fail(f"{proj.owner} is called {calls} times (shared weights); "
                                     "its copies cannot become independent experts", proj.node)
+    return None
+
+
+def _check_plain_modules(site: FFNSite) -> MatchResult | None:
+    """Every module of the FFN does exactly what the MoE will copy (see `plain.py`)."""
+    problem = global_hooks_problem()
+    if problem is not None:
+        return MatchResult.fail(problem, site.y)
+    region = site.region
+    for node in sorted(site.members, key=lambda n: n.meta["order"]):
+        if node.op != "call_module":
+            continue
+        module, path = region.module(node.target), region.absolute(node.target)
+        if is_projection_module(module):
+            problem = projection_problem(module, path)
+        else:
+            problem = module_problem(module, path)
+        if problem is not None:
+            return MatchResult.fail(problem, node)
     return None

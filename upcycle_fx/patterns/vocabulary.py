@@ -45,8 +45,22 @@ _registered_activations: dict[type, str] = {}
 
 
 def register_activation(module_class: type, name: str) -> None:
-    """Teach the patterns an activation module class they do not know (e.g. your own GELU)."""
+    """Teach the patterns an activation module class (e.g. your own GELU, or `nn.Mish`): its
+    modules become activation nodes named `name`, and FFNs using them are accepted. The module
+    itself is copied into the experts, so any name is safe; kernels that compute activations by
+    name (ONNX's fused MoE, the Triton decode kernel) run only names they know, after a probe."""
+    from ..errors import UpcycleConfigError
+
+    if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
+        raise UpcycleConfigError(f"register_activation: {module_class!r} is not an nn.Module class.")
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise UpcycleConfigError(f"register_activation: name {name!r} must be an identifier such as 'mish'.")
     _registered_activations[module_class] = name
+
+
+def is_ffn_activation(name: str) -> bool:
+    """A built-in FFN activation, or one named by `register_activation`."""
+    return name in FFN_ACTIVATIONS or name in _registered_activations.values()
 
 
 def activation_of_module(module: nn.Module) -> str | None:
@@ -92,6 +106,13 @@ class Projection:
         return weight, (None if self.bias is None else getattr(owner, self.bias))
 
 
+def projection_tensors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight in the nn.Linear [out, in] layout, bias) of a projection module (nn.Linear or
+    HF Conv1D, whose weight is stored [in, out])."""
+    weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
+    return weight, getattr(module, "bias", None)
+
+
 @dataclass(frozen=True)
 class Part:
     """A getitem taking one part of a split projection output along the last dim."""
@@ -127,7 +148,7 @@ def classify(node: fx.Node, module_of: Callable[[str], nn.Module], absolute: Cal
         module = module_of(node.target)
         if is_projection_module(module):
             conv1d = not isinstance(module, nn.Linear)
-            out_f, in_f = (module.weight.shape[1], module.weight.shape[0]) if conv1d else module.weight.shape
+            out_f, in_f = projection_tensors(module)[0].shape
             bias = "bias" if getattr(module, "bias", None) is not None else None
             return NodeMeaning(LINEAR, Projection(node, absolute(node.target), "weight", bias,
                                                   "conv1d" if conv1d else "linear", int(in_f), int(out_f)))
