@@ -10,6 +10,7 @@ from safetensors import safe_open
 from torch import fx
 
 import upcycle_fx
+from upcycle_fx.passes.splice import is_spliced
 from upcycle_fx import CheckpointError, CheckpointMismatchError, MoE
 from upcycle_fx.exporters.state import tensor_table
 from upcycle_fx.moe import MoESettings
@@ -78,14 +79,14 @@ def test_skeleton_on_the_meta_device(tmp_path):
 
 
 def test_spliced_inline_ffn_round_trip(tmp_path):
-    """FFNs written inline in a block come back as the same spliced GraphModule, bit-identical in
+    """FFNs written inline in a block come back as the same spliced block, bit-identical in
     eval and (same seed) in training mode, where the spliced functional dropout is active."""
     from test_splice import InlineBlock, _stack
 
     model = upcycle_fx.rewrite(_stack(InlineBlock), router_init_std=1.0, seed=0)
     upcycle_fx.save(model, tmp_path / "ckpt")
     loaded = upcycle_fx.load(tmp_path / "ckpt", _stack(InlineBlock))
-    assert isinstance(loaded[1], fx.GraphModule) and isinstance(loaded[1].moe_0, MoE)
+    assert is_spliced(loaded[1]) and isinstance(loaded[1].moe_0, MoE)
     x = torch.randn(3, 5, 16)
     assert torch.equal(loaded(x), model(x))
     model.train(), loaded.train()

@@ -284,3 +284,26 @@ def test_bare_moe_module(tmp_path):
     x = tokens(3, 4)
     with torch.no_grad():
         assert relative_error(ort_run(ort_session(path), {"x": x}), moe(x)) <= ONNX_TOLERANCE
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("biased", ["gate", "up"])
+def test_bias_on_one_half_exports_exactly(tmp_path, biased, fused):
+    """A gated FFN with a bias on only its gate (or up) projection keeps that bias alone; both
+    lowerings pad it back to the full fc1 rows, and onnxruntime matches PyTorch; a native
+    checkpoint gives it back bit for bit."""
+    from test_moe import _HalfBiasGLU
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(_HalfBiasGLU(biased, d=16, f=24), _HalfBiasGLU(biased, d=16, f=24)).eval()
+    sparse = upcycle_fx.rewrite(dense, "all", num_experts=4, top_k=2, router_init_std=1.0).eval()
+    path = export_onnx(sparse, tmp_path / "half.onnx", args=(tokens(2, 6),), fused=fused)
+    assert path.report.layers[0].lowering == ("fused" if fused else "portable")
+    x = tokens(3, 5)
+    with torch.no_grad():
+        assert relative_error(ort_run(ort_session(path), {"input": x}), sparse(x)) <= ONNX_TOLERANCE
+    upcycle_fx.save(sparse, tmp_path / "ckpt")
+    loaded = upcycle_fx.load(tmp_path / "ckpt", nn.Sequential(_HalfBiasGLU(biased, d=16, f=24),
+                                                               _HalfBiasGLU(biased, d=16, f=24)))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), sparse(x))

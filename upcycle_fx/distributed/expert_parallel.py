@@ -62,7 +62,7 @@ class LocalExperts:
             param = getattr(experts, name)
             setattr(self, name, param.to_local() if isinstance(param, DTensor) else param)
         self.num_experts = self.up_proj.shape[0]
-        self.d_ff, self.gated = experts.d_ff, experts.gated
+        self.d_ff, self.gated, self.up_bias_half = experts.d_ff, experts.gated, experts.up_bias_half
         self.activation, self.hidden_dropout = experts.activation, experts.hidden_dropout
         self.training = experts.training
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..config import UpcycleConfig
 from ..errors import UpcycleError
@@ -27,6 +27,7 @@ from ..moe import MoE, MoESettings, Router
 from ..moe.dispatch import IMPLEMENTATIONS
 from ..moe.experts import Experts
 from ..passes import FoldedIntoMoE
+from ..passes.splice import is_spliced
 from ..report import moe_layers
 from .errors import CheckpointMismatchError, ManifestError, NotACheckpointError
 from .state import TensorTable
@@ -69,7 +70,7 @@ class Manifest:
     model_class: str
     moe_layers: list[MoERecord]
     folded: dict[str, str] = field(default_factory=dict)       # folded module path -> MoE path
-    spliced: list[str] = field(default_factory=list)           # modules re-traced as GraphModules
+    spliced: list[str] = field(default_factory=list)           # blocks whose forward runs a re-traced graph
     aliases: dict[str, str] = field(default_factory=dict)      # tied tensor name -> stored name
     non_persistent: list[str] = field(default_factory=list)    # stored buffers outside state_dict()
     training: bool = False                                     # the root module's mode
@@ -235,7 +236,7 @@ def describe(model: nn.Module, table: TensorTable) -> Manifest:
     """The manifest of an upcycled model (real or on the meta device)."""
     folded = {path: m.moe_path for path, m in model.named_modules() if isinstance(m, FoldedIntoMoE)}
     spliced = [path for path, m in model.named_modules()
-               if isinstance(m, fx.GraphModule) and any(isinstance(c, MoE) for c in m.children())]
+               if is_spliced(m) and any(isinstance(c, MoE) for c in m.children())]
     config = getattr(model, "config", None)
     hf = config is not None and hasattr(config, "to_dict") and type(model).__module__.startswith("transformers.")
     return Manifest(
@@ -310,7 +311,7 @@ def rebuild(manifest: Manifest, skeleton: nn.Module, *, example_inputs: Any = No
     problems += [f"{path} is not folded into {moe_path}" for path, moe_path in manifest.folded.items()
                  if not isinstance(_submodule(model, path), FoldedIntoMoE)]
     problems += [f"{path} is not a spliced graph" for path in manifest.spliced
-                 if not isinstance(_submodule(model, path), fx.GraphModule)]
+                 if not is_spliced(_submodule(model, path))]
     if problems:
         raise CheckpointMismatchError(
             f"{prefix}{type(skeleton).__name__}: rewriting the skeleton does not give the saved model: "
@@ -340,7 +341,7 @@ def _restore_layer(moe: MoE, record: MoERecord) -> list[str]:
     if e.num_experts != record.num_experts:  # a layer whose expert count was changed after the rewrite
         moe.experts = Experts(record.num_experts, e.d_model, e.d_ff, gated=e.gated, activation=e.activation,
                               activation_name=e.activation_name, up_bias=record.up_bias,
-                              down_bias=record.down_bias, device="meta")
+                              down_bias=record.down_bias, up_bias_half=e.up_bias_half, device="meta")
         moe.router = Router(e.d_model, record.num_experts, device="meta", generator=torch.Generator())
     moe.experts.hidden_dropout = record.hidden_dropout
     moe.settings = MoESettings(**record.settings)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...moe.experts import up_bias_rows
+
 # Activation attribute values of com.microsoft::MoE that we emit.
 RELU, GELU, SILU, SWIGLU = "relu", "gelu", "silu", "swiglu"
 
@@ -132,9 +134,10 @@ PACKED_FC1, PACKED_FC1_BIAS = "onnx_fc1", "onnx_fc1_bias"
 
 def packed_fc1(experts, form: FusedForm) -> tuple[Tensor, Tensor | None]:
     """(fc1 weights, fc1 bias) in the node's layout, computed from the experts' parameters."""
+    up_bias = up_bias_rows(experts)
     if form.activation_type != SWIGLU:
-        return experts.up_proj, experts.up_bias
-    bias = None if experts.up_bias is None else interleave_gate_up(experts.up_bias.detach(), experts.d_ff)
+        return experts.up_proj, up_bias
+    bias = None if up_bias is None else interleave_gate_up(up_bias.detach(), experts.d_ff)
     return interleave_gate_up(experts.up_proj.detach(), experts.d_ff), bias
 
 
@@ -151,7 +154,7 @@ def fused_forward(moe, form: FusedForm, x: Tensor) -> Tensor:
     if form.activation_type == SWIGLU:
         fc1, fc1_bias = getattr(experts, PACKED_FC1), getattr(experts, PACKED_FC1_BIAS)
     else:
-        fc1, fc1_bias = experts.up_proj, experts.up_bias
+        fc1, fc1_bias = experts.up_proj, up_bias_rows(experts)
     tokens = x.reshape(-1, x.shape[-1])
     logits = moe.router(tokens).to(tokens.dtype)
     out = torch.ops.upcycle_fx.ort_moe(tokens, logits, fc1, fc1_bias, experts.down_proj,

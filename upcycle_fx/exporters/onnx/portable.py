@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...moe.experts import up_bias_rows
+
 
 def combine_weights(logits: Tensor, settings, num_experts: int) -> Tensor:
     """[T, E] float32 combine weights for router logits [T, E] under `settings` (MoESettings)."""
@@ -69,8 +71,9 @@ def _expert_choice(probs: Tensor, capacity_factor: float) -> Tensor:
 def all_experts(experts, tokens: Tensor) -> Tensor:
     """Every expert on every token: [T, D] -> [E, T, D] (eval: no hidden dropout)."""
     hidden = torch.matmul(tokens.unsqueeze(0), experts.up_proj.transpose(1, 2))
-    if experts.up_bias is not None:
-        hidden = hidden + experts.up_bias.unsqueeze(1)
+    up_bias = up_bias_rows(experts)
+    if up_bias is not None:
+        hidden = hidden + up_bias.unsqueeze(1)
     out = torch.matmul(experts.hidden(hidden), experts.down_proj.transpose(1, 2))
     if experts.down_bias is not None:
         out = out + experts.down_bias.unsqueeze(1)
