@@ -102,3 +102,18 @@ def test_each_dtype_passes_its_own_check(dtype, top_k):
     result = upcycle_fx.upcycle(dense, upcycle_fx.UpcycleConfig(pattern="all", top_k=top_k,
                                                                 router_init_std=1.0, seed=0))
     assert result.verified_error is not None and result.verified_error <= TOLERANCE[dtype]
+
+
+def test_an_upcycled_model_that_crashes_is_a_rewrite_error():
+    """Where the dense model runs and the upcycled one raises (a weight read by code the capture
+    could not see), verification says so in a RewriteError instead of passing the raw error on."""
+    from upcycle_fx.capture.inputs import ModelInputs
+    from upcycle_fx.passes.verify import verify_upcycled
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise AttributeError("'MoE' object has no attribute 'w1'")
+
+    inputs = ModelInputs((torch.randn(2, 4),), {})
+    with pytest.raises(upcycle_fx.RewriteError, match="upcycled model fails.*AttributeError"):
+        verify_upcycled(torch.nn.Linear(4, 4), Broken(), inputs)

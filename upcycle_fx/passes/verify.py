@@ -87,7 +87,14 @@ def verify_upcycled(dense: nn.Module, sparse: nn.Module, inputs: ModelInputs, *,
     naming the FFNs that are wrong on their own when `convert_one(match)` is given."""
     expected = _outputs(dense, inputs)
     _refuse_non_finite(dense, expected)
-    actual = _outputs(sparse, inputs)
+    try:
+        actual = _outputs(sparse, inputs)
+    except Exception as error:  # the dense model ran on these inputs: the rewrite broke it
+        raise RewriteError(
+            f"the upcycled model fails on the example inputs on which the dense model runs "
+            f"({type(error).__name__}: {error}); an FFN's weights or modules are probably used "
+            "by code the capture could not see. Please report it with the model class; pass "
+            "verify=False to get the model anyway.") from error
     if len(expected) != len(actual) or not expected:
         raise RewriteError("the upcycled model returns different outputs than the dense model "
                            f"({len(actual)} vs {len(expected)} floating tensors)")
