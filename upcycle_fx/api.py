@@ -22,7 +22,7 @@ from .config import PatternSpec, UpcycleConfig, check_bool
 from .errors import NoMLPFoundError, UpcycleConfigError
 from .passes import MLPList, MLPMatch, select_mlps, upcycle_matches
 from .passes.already_moe import refuse_moe_models
-from .passes.verify import preserves_function, verify_upcycled
+from .passes.verify import preserves_function, run_upcycled, verify_upcycled
 from .passes import find_mlps as _find_mlps
 from .report import count_parameters
 from .report import moe_layers as _moe_layers
@@ -97,24 +97,29 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_in
     chosen = select_mlps(mlps, config.pattern)
     _check_memory(model, chosen, config, inplace)
     params_before = count_parameters(model)
-    inputs, unverified = None, None
+    inputs, unverified, preserves = None, None, preserves_function(config)
     if not verify:
         unverified = "verify=False"
-    elif not preserves_function(config):
-        unverified = "the configuration changes the function by design"
     else:
         inputs = resolve_inputs(model, example_inputs) or synthesize_inputs(model, mlps.capture)
         if inputs is None:
             unverified = ("no example inputs: pass example_inputs= to have the upcycled model "
                           "checked against the dense one")
-    reference = copy.deepcopy(model) if inplace and inputs is not None else model
+        elif not preserves:
+            unverified = ("the configuration changes the function by design (the upcycled model "
+                          "was run once on the example inputs)")
+    compare = inputs is not None and preserves
+    reference = copy.deepcopy(model) if inplace and compare else model
     target = model if inplace else copy.deepcopy(model)
     upcycled = upcycle_matches(target, chosen, config)
     error = None
-    if inputs is not None:
+    if compare:
         error = verify_upcycled(reference, upcycled, inputs,
                                 convert_one=lambda m: upcycle_matches(copy.deepcopy(reference), [m], config),
                                 converted=chosen)
+    elif inputs is not None:
+        with left_as_found(upcycled):
+            run_upcycled(upcycled, inputs)
     integrations.attach(upcycled)  # aux losses in outputs.loss; what save_pretrained must write
     return UpcycleResult(upcycled, mlps, chosen, config, params_before, error, unverified)
 

@@ -232,8 +232,15 @@ def write_error(error: BaseException, path: Path) -> CheckpointWriteError:
                                 "removed and an existing model there is left as it was.")
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def _inside(error: OSError, directory: Path) -> bool:
+    """Whether `error` came from writing into `directory`: it names a file there, or names no
+    file and is one of the errors only writing gives (a full disk, a read-only file system)."""
     names = [n for n in (error.filename, error.filename2) if n is not None]
+    if not names:
+        return error.errno in WRITE_ERRNOS
     return any(Path(os.fsdecode(n)).absolute().is_relative_to(directory) for n in names)
 
 

@@ -73,6 +73,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, format: str = "nativ
     """
     _check_arguments("save", model=model, directory=directory, format=format, overwrite=overwrite,
                      verify=verify, hf_target=hf_target)
+    if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "tensor", "shard")):
+        raise CheckpointError(f"upcycle_fx.save: progress={progress!r} must be None or an object with "
+                              "start(tensors, shards, nbytes), tensor(name, nbytes) and shard(filename) "
+                              "methods (exporters.shards.Progress).")
     max_bytes = parse_size(max_shard_size)
     cast = output_dtype(dtype)
     table = tensor_table(model)

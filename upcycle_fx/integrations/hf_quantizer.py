@@ -17,8 +17,12 @@ bit for bit. Afterwards the model is an ordinary upcycled model again (not marke
 Refusing: transformers skips an unknown `quant_method` with a warning and would build the dense
 model with random FFNs. So the config also names a fusion that only exists while upcycle_fx is
 imported (`fusion_config`, which `from_pretrained` validates before building the model and
-rejects when unknown); the quantizer removes it before that check. Without upcycle_fx, stock
-transformers stops with `ValueError: Unknown fusion type: upcycle_fx ...`, whatever class loads it.
+rejects when unknown). Importing upcycle_fx registers that name as a fusion that fuses nothing,
+and the quantizer also removes it from the config where it sees the config first, so loading
+works whichever of the two steps a transformers version runs first. Without upcycle_fx, stock
+transformers (versions with `fusion_config`) stops with `ValueError: Unknown fusion type:
+upcycle_fx ...`, whatever class loads it; older versions only warn about the unknown
+quantization method.
 """
 
 from __future__ import annotations
@@ -202,11 +206,30 @@ def _aux_flag(model: nn.Module) -> bool:
 
 
 def register() -> None:
-    """Make `from_pretrained` know `quant_method: "upcycle_fx"` (idempotent)."""
+    """Make `from_pretrained` know `quant_method: "upcycle_fx"` and the refusal fusion name
+    (idempotent)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(UpcycleQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(UpcycleHfQuantizer)
+    _register_refusal_as_known_fusion()
+
+
+def _register_refusal_as_known_fusion() -> None:
+    """Versions that validate `fusion_config` before the quantizer sees the config then find
+    REFUSAL known: a fusion family that matches no module, so it changes nothing."""
+    try:
+        from transformers import fusion_mapping
+    except ImportError:  # a version without fusion_config: nothing validates the name
+        return
+    registry = getattr(fusion_mapping, "_FUSION_REGISTRY", None)
+    spec_class = getattr(fusion_mapping, "ModuleFusionSpec", None)
+    if isinstance(registry, dict) and spec_class is not None and REFUSAL not in registry:
+        class _FusesNothing(spec_class):
+            def is_fusable(self, module: nn.Module) -> bool:
+                return False
+
+        registry[REFUSAL] = _FusesNothing()
 
 
 register()

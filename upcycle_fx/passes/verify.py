@@ -80,6 +80,19 @@ def _error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
     return max(relative_error(a, e) for a, e in zip(actual, expected))
 
 
+def run_upcycled(sparse: nn.Module, inputs: ModelInputs) -> list[torch.Tensor]:
+    """The upcycled model's floating outputs on inputs the dense model runs on; RewriteError
+    where it raises instead (checked even where the configuration changes the function)."""
+    try:
+        return _outputs(sparse, inputs)
+    except Exception as error:  # the dense model runs on these inputs: the rewrite broke it
+        raise RewriteError(
+            f"the upcycled model fails on the example inputs on which the dense model runs "
+            f"({type(error).__name__}: {error}); an FFN's weights or modules are probably used "
+            "by code the capture could not see. Please report it with the model class; pass "
+            "verify=False to get the model anyway.") from error
+
+
 def verify_upcycled(dense: nn.Module, sparse: nn.Module, inputs: ModelInputs, *,
                     convert_one: Callable[[object], nn.Module] | None = None,
                     converted: Sequence = ()) -> float:
@@ -87,14 +100,7 @@ def verify_upcycled(dense: nn.Module, sparse: nn.Module, inputs: ModelInputs, *,
     naming the FFNs that are wrong on their own when `convert_one(match)` is given."""
     expected = _outputs(dense, inputs)
     _refuse_non_finite(dense, expected)
-    try:
-        actual = _outputs(sparse, inputs)
-    except Exception as error:  # the dense model ran on these inputs: the rewrite broke it
-        raise RewriteError(
-            f"the upcycled model fails on the example inputs on which the dense model runs "
-            f"({type(error).__name__}: {error}); an FFN's weights or modules are probably used "
-            "by code the capture could not see. Please report it with the model class; pass "
-            "verify=False to get the model anyway.") from error
+    actual = run_upcycled(sparse, inputs)
     if len(expected) != len(actual) or not expected:
         raise RewriteError("the upcycled model returns different outputs than the dense model "
                            f"({len(actual)} vs {len(expected)} floating tensors)")

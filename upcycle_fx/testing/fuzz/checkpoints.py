@@ -190,7 +190,7 @@ def saved_model(spec: ModelSpec, sharded: bool) -> tuple[torch.nn.Module, Path]:
 
 def loaded_matches(model: torch.nn.Module, loaded: torch.nn.Module, inputs: tuple) -> Outcome:
     """The loaded model must be the saved one: every tensor bit for bit, modes, same outputs."""
-    differences = Snapshot.of(model).differences(loaded)
+    differences = Snapshot.of(model, hooks_by_kind=True).differences(loaded, hooks_by_kind=True)
     if differences:
         return Outcome(Category.SILENT_WRONG, "loaded model differs from the saved one: "
                        + "; ".join(differences[:3]))

@@ -64,10 +64,13 @@ def _first_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------- input snapshots
 
 
-def _hook_ids(module: nn.Module) -> tuple:
+def _hook_ids(module: nn.Module, by_kind: bool = False) -> tuple:
+    """The module's hooks: the very objects (is the input untouched?) or, `by_kind`, their types
+    (a model rebuilt from a checkpoint holds new hook objects of the same kinds)."""
     names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
              "_state_dict_hooks", "_load_state_dict_pre_hooks")
-    return tuple(tuple(id(h) for h in getattr(module, n, {}).values()) for n in names)
+    key = (lambda h: type(h).__qualname__) if by_kind else id
+    return tuple(tuple(key(h) for h in getattr(module, n, {}).values()) for n in names)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -89,17 +92,18 @@ class Snapshot:
     requires_grad: dict[str, bool]
 
     @classmethod
-    def of(cls, model: nn.Module) -> "Snapshot":
+    def of(cls, model: nn.Module, hooks_by_kind: bool = False) -> "Snapshot":
         tensors = {f"param:{n}": p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
         tensors |= {f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False)
                     if b is not None}
-        modules = [(name, type(m).__qualname__, m.training, _hook_ids(m), parametrize.is_parametrized(m))
+        modules = [(name, type(m).__qualname__, m.training, _hook_ids(m, hooks_by_kind),
+                    parametrize.is_parametrized(m))
                    for name, m in model.named_modules(remove_duplicate=False)]
         grads = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
         return cls(tensors, modules, grads)
 
-    def differences(self, model: nn.Module) -> list[str]:
-        now = Snapshot.of(model)
+    def differences(self, model: nn.Module, hooks_by_kind: bool = False) -> list[str]:
+        now = Snapshot.of(model, hooks_by_kind)
         found = []
         for name in sorted(set(self.tensors) | set(now.tensors)):
             a, b = self.tensors.get(name), now.tensors.get(name)
