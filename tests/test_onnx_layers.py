@@ -252,6 +252,13 @@ def test_portable_layers_and_fused_false(tmp_path):
     (lambda p: export_onnx(Block(make_moe()), p), "needs example inputs"),
     (lambda p: export_onnx(Block(make_moe()), p, args=(tokens(1, 2),), portable_layers=["nope"]),
      "portable_layers names no MoE layer"),
+    (lambda p: export_onnx(Block(make_moe()), p, args=(tokens(1, 2),), fused="no"), "fused='no' must be True"),
+    (lambda p: export_onnx(Block(make_moe()), p, args=(tokens(1, 2),), optimize=1), "optimize=1 must be True"),
+    (lambda p: export_onnx(Block(make_moe()), p, args=tokens(1, 2)), "args of type Tensor must be a tuple"),
+    (lambda p: export_onnx(Block(make_moe()), p, args=(tokens(1, 2),), portable_layers=3),
+     "portable_layers=3 must be a list"),
+    (lambda p: export_onnx(Block(make_moe()), p, args=("not a tensor",)), "does not run on the example inputs"),
+    (lambda p: export_onnx(Block(make_moe()), p, args=(torch.randn(1, 2, 5),)), "does not run on the example inputs"),
 ])
 def test_named_errors(tmp_path, call, message):
     with pytest.raises(OnnxExportError, match=message):

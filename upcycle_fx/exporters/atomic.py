@@ -286,7 +286,12 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
             yield staging
             with guard.deferred():
                 _make_readable(staging)
-                _move_into_place(staging, target, overwrite)
+                try:
+                    _move_into_place(staging, target, overwrite)
+                except OSError as error:
+                    if isinstance(error, CheckpointError):
+                        raise
+                    raise write_error(error, target) from error
                 guard.completed = True
         except BaseException as error:
             with guard.deferred():

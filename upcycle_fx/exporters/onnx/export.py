@@ -48,6 +48,7 @@ def export_onnx(model: nn.Module, f: str | os.PathLike, *, args: tuple = (), kwa
     work where the reason is known up front: `f` is a directory (OnnxDestinationError), the
     weights are in a dtype `target` cannot run (OnnxDtypeError: bfloat16 on "cpu").
     """
+    _check_arguments(model, args, kwargs, fused, optimize, portable_layers)
     path = _destination(f)
     runtime = get_target(target)
     _check_dtypes(model, runtime)
@@ -77,6 +78,25 @@ def export_onnx(model: nn.Module, f: str | os.PathLike, *, args: tuple = (), kwa
     result.report = report
     return result
 
+
+def _check_arguments(model, args, kwargs, fused, optimize, portable_layers) -> None:
+    """OnnxExportError naming the first argument of the wrong kind, before any work."""
+    problems = []
+    if not isinstance(model, nn.Module):
+        problems.append(f"model={type(model).__name__} must be an nn.Module")
+    if not isinstance(args, (tuple, list)):
+        problems.append(f"args of type {type(args).__name__} must be a tuple of example inputs, e.g. (input_ids,)")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        problems.append(f"kwargs={kwargs!r} must be a dict of example inputs or None")
+    for name, value in (("fused", fused), ("optimize", optimize)):
+        if not isinstance(value, bool):
+            problems.append(f"{name}={value!r} must be True or False")
+    if isinstance(portable_layers, str) or not isinstance(portable_layers, (tuple, list, set, frozenset)) \
+            or not all(isinstance(n, str) for n in portable_layers):
+        problems.append(f"portable_layers={portable_layers!r} must be a list of MoE layer names "
+                        "(see upcycle_fx.moe_layers)")
+    if problems:
+        raise OnnxExportError(f"export_onnx: {problems[0]}.")
 
 def _destination(f) -> pathlib.Path:
     if not isinstance(f, (str, os.PathLike)):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...capture.inputs import is_hf_model
+from .errors import OnnxExportError
 from .shapes import ExportInputs
 
 
@@ -28,8 +29,13 @@ def output_names(model: nn.Module, inputs: ExportInputs) -> list[str] | None:
     constants = dict(inputs.constants)
     if is_hf_model(model):
         constants["return_dict"] = True
-    with torch.no_grad():
-        result = model(*inputs.args, **inputs.kwargs, **constants)
+    try:
+        with torch.no_grad():
+            result = model(*inputs.args, **inputs.kwargs, **constants)
+    except Exception as error:
+        raise OnnxExportError(
+            f"the model does not run on the example inputs ({type(error).__name__}: {error}); pass "
+            "args=/kwargs= the model's forward takes (tensors of the right shape and dtype).") from error
     names = _flatten("output", result)
     return names if names and len(set(names)) == len(names) else None
 

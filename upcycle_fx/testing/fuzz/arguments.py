@@ -38,6 +38,8 @@ REWRITE_ARGUMENTS: dict[str, tuple[tuple, tuple]] = {
     "leaf_modules": (((),), (42, [42], "abc")),
 }
 CONFIG_FIELDS = tuple(k for k in REWRITE_ARGUMENTS if k not in ("inplace", "verify", "leaf_modules"))
+# Invalid only for a given model (indices past its FFNs): UpcycleConfig alone cannot know.
+MODEL_DEPENDENT = {"pattern": ([2], [99])}
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ def _arguments(draw, name: str, others: tuple[str, ...]):
 @st.composite
 def config_cases(draw, name: str) -> ConfigCase:
     kwargs, invalid = draw(_arguments(name, CONFIG_FIELDS))
+    if kwargs.get(name) in MODEL_DEPENDENT.get(name, ()):
+        invalid = None  # a valid config; rewrite names it against the model (ArgumentCase)
     return ConfigCase(kwargs, invalid)
 
 
