@@ -1,5 +1,6 @@
 """Stock checkpoints for other transformers versions: every config field written explicitly, in
-the spellings older versions read, and (slow) loading in transformers 4.57 itself."""
+the spellings older versions read. Loading in transformers 4.57 itself needs that version
+installed (a download), so it is a documented command, not a test: python benchmarks/hf_compat.py."""
 
 from __future__ import annotations
 
@@ -48,19 +49,11 @@ def test_rope_scaling_and_renamed_fields_in_their_legacy_form(tmp_path):
     assert reloaded.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}
 
 
-@pytest.mark.slow
-def test_outputs_load_with_the_same_logits_in_transformers_4_57(tmp_path):
-    """benchmarks/hf_compat.py: pip-installs transformers 4.57 into tmp_path (about 30 s, 60 MB)
-    and loads Mixtral / Qwen2-MoE / Qwen3-MoE outputs there: every key used and logits within
-    1e-5. Skipped only when pip cannot get that version (no reachable index: offline machines)."""
-    try:
-        report = hf_compat.check("4.57.*", tmp_path / "site", tmp_path / "out")
-    except hf_compat.InstallError as error:
-        text = str(error)
-        offline = ("No matching distribution", "Could not find a version", "connection", "Network is unreachable",
-                   "Max retries", "Temporary failure in name resolution")
-        if any(word.lower() in text.lower() for word in offline):
-            pytest.skip(f"pip cannot reach an index with transformers 4.57: {text[-300:]}")
-        raise
-    assert report["transformers"].startswith("4.57.")
-    assert report["passed"], hf_compat.render(report)
+def test_cross_version_check_passes_with_the_installed_transformers(tmp_path):
+    """benchmarks/hf_compat.py's cases (Mixtral / Qwen2-MoE / Qwen3-MoE outputs, loaded in a fresh
+    child process, every key used, logits within 1e-5) pass with the transformers installed here;
+    its documented run does the same with transformers 4.57 installed into --target."""
+    (tmp_path / "site").mkdir()
+    report = hf_compat.load_in(tmp_path / "site", hf_compat.write_cases(tmp_path / "out"))
+    assert report["transformers"] == transformers.__version__
+    assert report["results"] and all(hf_compat.passed(r) for r in report["results"]), hf_compat.render(report)
