@@ -167,6 +167,19 @@ def test_rewrite_leaves_the_input_config_alone():
     assert moe.config.quantization_config.quant_method == "upcycle_fx"
 
 
+@pytest.mark.parametrize("build", [llama, gpt2, bert], ids=["llama", "gpt2", "bert"])
+def test_dense_models_load_and_save_as_before_with_upcycle_fx_imported(build, tmp_path):
+    """What upcycle_fx registers with transformers (a quantization method, a name for refusing)
+    changes nothing for other models: a dense model saves, loads and computes as before."""
+    dense = build().eval()
+    dense.save_pretrained(tmp_path / "dense")
+    loaded = type(dense).from_pretrained(tmp_path / "dense").eval()
+    assert_same_model(loaded, dense)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(main_output(loaded, ids), main_output(dense, ids))
+
+
 def _python(code: str, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,

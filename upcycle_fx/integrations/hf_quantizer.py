@@ -217,18 +217,37 @@ def register() -> None:
 
 def _register_refusal_as_known_fusion() -> None:
     """Versions that validate `fusion_config` before the quantizer sees the config then find
-    REFUSAL known: a fusion family that matches no module, so it changes nothing."""
+    REFUSAL known: a fusion family that matches no module, so it changes nothing.
+
+    Every registered family is asked about every module, so an entry that does not answer the
+    whole interface would break unrelated models: it is registered only where the interface is
+    one this class answers in full (the methods below), and left out on any other version."""
     try:
         from transformers import fusion_mapping
     except ImportError:  # a version without fusion_config: nothing validates the name
         return
     registry = getattr(fusion_mapping, "_FUSION_REGISTRY", None)
     spec_class = getattr(fusion_mapping, "ModuleFusionSpec", None)
-    if isinstance(registry, dict) and spec_class is not None and REFUSAL not in registry:
-        class _FusesNothing(spec_class):
-            def is_fusable(self, module: nn.Module) -> bool:
-                return False
+    if not isinstance(registry, dict) or spec_class is None or REFUSAL in registry:
+        return
 
+    class _FusesNothing(spec_class):
+        def is_fusable(self, module: nn.Module) -> bool:
+            return False
+
+        def is_fused(self, module: nn.Module) -> bool:
+            return False
+
+        def make_fused_class(self, original_cls: type) -> type:
+            return original_cls
+
+        def make_transforms(self, *args: Any) -> list:
+            return []
+
+    answered = {"get_empty_log", "is_fusable", "is_fused", "make_fused_class", "make_transforms"}
+    interface = {name for name, value in vars(spec_class).items()
+                 if callable(value) and not name.startswith("_")}
+    if interface <= answered:
         registry[REFUSAL] = _FusesNothing()
 
 
