@@ -55,6 +55,7 @@ MAX_POSITIONS = 128
 POSITION_NAMES = ("max_position_embeddings", "n_positions", "n_ctx", "max_source_positions",
                   "max_target_positions")
 IMAGE_SIZE, PATCH_SIZE = 32, 8
+UNSET_IS_DEFAULT = ("head_dim", "num_key_value_heads", "vocab_size")  # None: derived or required
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 # Where a task head is looked for, in order; the base model class is the fallback.
@@ -108,13 +109,23 @@ def _sub_configs(config) -> list:
 
 def expert_count(config) -> int:
     """The largest expert count the config or one of its sub-configs declares (0 when none)."""
-    counts = [getattr(config, name, None) for name in EXPERT_COUNTS]
-    counts = [c for c in counts if isinstance(c, int) and not isinstance(c, bool)]
+    counts = [_read(config, name) for name in EXPERT_COUNTS]
+    counts = [c for c in counts if _is_int(c)]
     return max(counts + [expert_count(sub) for sub in _sub_configs(config)] + [0])
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read(config, name: str):
+    """`config.name`, or, for a per-layer attribute that refuses a global read, its largest
+    per-layer value; None when absent."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - e.g. transformers' AmbiguousGlobalPerLayerAttributeError
+        values = [_read(layer, name) for layer in getattr(config, "per_layer_config", None) or []]
+        return max((v for v in values if _is_int(v)), default=None)
 
 
 def _small_token_ids(config, vocab: int) -> None:
@@ -136,19 +147,29 @@ def _small_token_ids(config, vocab: int) -> None:
             setattr(config, name, fixed)
 
 
+def _set(config, name: str, value) -> None:
+    """`config.name = value`, unless the config refuses it (a derived property, a per-layer
+    attribute, a count set through other fields): then its own value stays."""
+    try:
+        setattr(config, name, value)
+    except Exception:  # noqa: BLE001 - AttributeError, NotImplementedError, transformers' own errors
+        pass
+
+
 def shrink(config) -> None:
     """Set the tiny sizes on `config` and its nested sub-configs, in place."""
     for name, value in TINY.items():
-        if _is_int(getattr(config, name, None)):
-            setattr(config, name, value)
+        current = _read(config, name)
+        if _is_int(current) or (current is None and name in UNSET_IS_DEFAULT and name in vars(config)):
+            _set(config, name, value)
     for name in POSITION_NAMES:
-        if _is_int(getattr(config, name, None)) and getattr(config, name) > MAX_POSITIONS:
-            setattr(config, name, MAX_POSITIONS)
-    layers = next((getattr(config, n) for n in LAYERS if _is_int(getattr(config, n, None))), None)
+        if _is_int(_read(config, name)) and _read(config, name) > MAX_POSITIONS:
+            _set(config, name, MAX_POSITIONS)
+    layers = next((getattr(config, n) for n in LAYERS if _is_int(_read(config, n))), None)
     for name in ("layer_types", "block_types", "layers_block_type"):
-        value = getattr(config, name, None)
+        value = _read(config, name)
         if layers and isinstance(value, list) and len(value) > layers:
-            setattr(config, name, value[:layers])
+            _set(config, name, value[:layers])
     if _is_int(getattr(config, "image_size", None)):
         config.image_size = IMAGE_SIZE
     if _is_int(getattr(config, "patch_size", None)) and config.patch_size > PATCH_SIZE:
@@ -168,6 +189,15 @@ def tiny_config(model_type: str):
 
 
 # --------------------------------------------------------------------------- one architecture
+
+
+def _config_for(cls, config):
+    """The (sub-)config `cls` takes: a text model class mapped to a composite config takes its
+    text config, as the Auto classes do."""
+    expected = getattr(cls, "config_class", None)
+    if not isinstance(expected, type) or isinstance(config, expected):
+        return config
+    return next((sub for sub in _sub_configs(config) if isinstance(sub, expected)), config)
 
 
 def _first_line(error: BaseException) -> str:
@@ -213,7 +243,7 @@ def sweep_one(model_type: str) -> dict:
         try:
             cls = getattr(transformers, record["class"])
             torch.manual_seed(SEED)
-            model = cls(config).float().eval()
+            model = cls(_config_for(cls, config)).float().eval()
         except Exception as e:  # noqa: BLE001
             return done("does not build at tiny size", f"model: {type(e).__name__}: {_first_line(e)}")
         if not _has_attention(model):
