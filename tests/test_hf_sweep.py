@@ -59,9 +59,11 @@ def test_moe_configs_are_skipped_before_building():
 
 
 def test_tiny_config_shrinks_nested_configs_and_keeps_token_ids_in_the_vocabulary():
-    config = hf_sweep.tiny_config("t5")
-    assert (config.num_layers, config.d_model, config.d_ff, config.vocab_size) == (2, 64, 128, 256)
-    assert all(getattr(config, n) < 256 for n in ("pad_token_id", "eos_token_id", "decoder_start_token_id"))
+    t5 = hf_sweep.tiny_config("t5")
+    assert (t5.num_layers, t5.d_model, t5.d_ff, t5.vocab_size) == (2, 64, 128, 256)
+    gpt2 = hf_sweep.tiny_config("gpt2")  # bos / eos 50256 by default
+    assert (gpt2.n_layer, gpt2.n_embd, gpt2.vocab_size) == (2, 64, 256)
+    assert gpt2.bos_token_id < 256 and gpt2.eos_token_id < 256
     clip = hf_sweep.tiny_config("clip")
     assert clip.vision_config.hidden_size == clip.text_config.hidden_size == 64
     assert clip.vision_config.image_size == hf_sweep.IMAGE_SIZE
