@@ -13,7 +13,8 @@ against the dense one (1e-5) and anything else is a named `RewriteError`. The ou
     raw exception                any other exception: a bug to report
     does not build at tiny size  the configuration or the model could not be made
     already MoE                  the config has experts, or upcycle_fx says AlreadyMoEError
-    not a transformer            the built model has no attention module
+    not a transformer            no attention module in the tiny model, and upcycle_fx refuses it
+                                 (one without attention that converts counts as converted)
     no model class               the model type has no class in the auto mappings
     timeout                      the child process took longer than --timeout-per-model
 
@@ -246,14 +247,16 @@ def sweep_one(model_type: str) -> dict:
             model = cls(_config_for(cls, config)).float().eval()
         except Exception as e:  # noqa: BLE001
             return done("does not build at tiny size", f"model: {type(e).__name__}: {_first_line(e)}")
-        if not _has_attention(model):
-            return done("not a transformer", "no attention module (no module or class named *attn*/*attention*)")
+        attention = _has_attention(model)
         config_ = upcycle_fx.UpcycleConfig(pattern=PATTERN, num_experts=NUM_EXPERTS, top_k=TOP_K, seed=SEED)
         try:
             result = upcycle_fx.upcycle(model, config_)
         except upcycle_fx.AlreadyMoEError as e:
             return done("already MoE", f"AlreadyMoEError: {_first_line(e)}")
         except upcycle_fx.UpcycleError as e:
+            if not attention:  # e.g. a state-space or convolutional model: not a failure of ours
+                return done("not a transformer", f"no attention module (no module or class named "
+                                                 f"*attn*/*attention*); {type(e).__name__}: {_first_line(e)}")
             return done("named error", f"{type(e).__name__}: {_first_line(e)}")
         except Exception as e:  # noqa: BLE001
             where = traceback.extract_tb(e.__traceback__)[-1]
