@@ -1,0 +1,69 @@
+"""The architecture sweep (benchmarks/hf_sweep.py) on a representative sample: its own code path,
+child process included, gives what the committed docs/coverage.md reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import hf_sweep  # noqa: E402  (benchmarks/hf_sweep.py: the coverage sweep)
+
+CONVERTED = ("llama", "gpt2", "bert", "t5")
+NAMED_ERROR = {"bloom": "NoMLPFoundError", "bart": "RewriteError"}
+SAMPLE = CONVERTED + tuple(NAMED_ERROR)
+
+
+def committed_results() -> dict[str, str]:
+    """architecture -> result, from the table rows of docs/coverage.md."""
+    rows = {}
+    for line in (ROOT / "docs" / "coverage.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[2] in hf_sweep.RESULTS:
+            rows[cells[0]] = cells[2]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def records() -> dict[str, dict]:
+    return {r["architecture"]: r for r in hf_sweep.run_sweep(list(SAMPLE), timeout=120)}
+
+
+@pytest.mark.parametrize("architecture", CONVERTED)
+def test_converts_with_the_function_preserved(records, architecture):
+    record = records[architecture]
+    assert record["result"] == "converted", record
+    assert record["moe_layers"] >= 1 and record["ffns_found"] >= record["moe_layers"]
+    assert record["verified_error"] is not None and record["verified_error"] <= 1e-5
+    assert record["params_after"] > record["params_before"]
+
+
+@pytest.mark.parametrize("architecture", sorted(NAMED_ERROR))
+def test_unsupported_ones_end_in_a_named_error(records, architecture):
+    record = records[architecture]
+    assert record["result"] == "named error", record
+    assert record["error"].startswith(NAMED_ERROR[architecture] + ":")
+
+
+def test_the_committed_table_reports_the_same(records):
+    committed = committed_results()
+    assert {a: committed.get(a) for a in SAMPLE} == {a: records[a]["result"] for a in SAMPLE}
+
+
+def test_moe_configs_are_skipped_before_building():
+    record = hf_sweep.sweep_one("mixtral")
+    assert record["result"] == "already MoE" and "experts" in record["error"]
+
+
+def test_tiny_config_shrinks_nested_configs_and_keeps_token_ids_in_the_vocabulary():
+    t5 = hf_sweep.tiny_config("t5")
+    assert (t5.num_layers, t5.d_model, t5.d_ff, t5.vocab_size) == (2, 64, 128, 256)
+    gpt2 = hf_sweep.tiny_config("gpt2")  # bos / eos 50256 by default
+    assert (gpt2.n_layer, gpt2.n_embd, gpt2.vocab_size) == (2, 64, 256)
+    assert gpt2.bos_token_id < 256 and gpt2.eos_token_id < 256
+    clip = hf_sweep.tiny_config("clip")
+    assert clip.vision_config.hidden_size == clip.text_config.hidden_size == 64
+    assert clip.vision_config.image_size == hf_sweep.IMAGE_SIZE
