@@ -87,36 +87,26 @@ def hf_fixed_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def hf_example_inputs(model: nn.Module, batch: int = _BATCH, seq: int = _SEQ) -> ModelInputs:
-    """Small deterministic inputs from the model's config and `main_input_name`."""
-    config = model.config
-    generator = torch.Generator().manual_seed(_SEED)
+    """Small deterministic inputs from the model's config and `main_input_name`, one builder per
+    input name (`input_builders.BUILDERS`)."""
+    from .input_builders import BUILDERS, InputContext
+
+    context = InputContext(model, model.config, torch.Generator().manual_seed(_SEED), batch, seq)
     device = next(iter(model.parameters()), torch.empty(0)).device
     name = getattr(model, "main_input_name", "input_ids")
+    names = [name]
+    if getattr(model.config, "is_encoder_decoder", False):
+        names.append("decoder_input_ids")
     kwargs: dict[str, Any] = {}
-    if name == "input_ids":
-        kwargs["input_ids"] = _token_ids(config, (batch, seq), generator)
-    elif name == "pixel_values":
-        channels = getattr(config, "num_channels", 3)
-        size = getattr(config, "image_size", 224)
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        kwargs["pixel_values"] = torch.randn(batch, channels, height, width, generator=generator)
-    else:
-        raise CaptureError(
-            f"{type(model).__name__}: cannot build example inputs for its main input "
-            f"{name!r}; pass example_inputs={{'{name}': tensor, ...}} to capture it."
-        )
-    if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = _token_ids(config, (batch, _DECODER_SEQ), generator)
+    for input_name in names:
+        builder = BUILDERS.get(input_name)
+        tensor = None if builder is None else builder(context)
+        if tensor is None:
+            raise CaptureError(
+                f"{type(model).__name__}: cannot build example inputs for its main input "
+                f"{input_name!r}; pass example_inputs={{'{input_name}': tensor, ...}} to capture it.")
+        kwargs[input_name] = tensor
     return ModelInputs((), {k: v.to(device) for k, v in kwargs.items()})
-
-
-def _token_ids(config, shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = int(getattr(text, "vocab_size", 0) or 0)
-    if vocab < 8:
-        raise CaptureError("the model's config has no usable vocab_size; pass example_inputs=.")
-    low = min(4, vocab - 1)  # skip the usual special-token ids
-    return torch.randint(low, vocab, shape, generator=generator)
 
 
 def synthesize_inputs(model: nn.Module, captured, batch: int = _BATCH,
