@@ -18,6 +18,7 @@ from .exporters.errors import (CheckpointDtypeError, CheckpointWriteError, Inter
                                OutputOverlapsInputError, ShardSizeError, TerminatedDuringWriteError)
 from .exporters.streaming import ConversionReport, convert_checkpoint
 from .exporters.onnx import OnnxExportError, export_onnx
+from .merge import ExpertSourceError, merge_experts
 from .integrations import aux_loss_in_output, register_with_transformers, set_aux_loss_in_output
 
 __version__ = "0.1.0"
@@ -32,7 +33,7 @@ __all__ = [
     "set_aux_loss_in_output", "aux_loss_in_output", "MoECallback",
     "CheckpointDtypeError", "CheckpointWriteError", "InterruptedReplaceError", "LeftoverOutputWarning",
     "ManifestError", "NotACheckpointError", "OutputOverlapsInputError", "ShardSizeError",
-    "TerminatedDuringWriteError",
+    "TerminatedDuringWriteError", "merge_experts", "ExpertSourceError",
 ]
 
 register_with_transformers()  # from_pretrained of saved upcycled models; transformers stays unimported

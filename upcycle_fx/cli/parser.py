@@ -73,6 +73,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     _add_dtype(convert)
     _add_output_options(convert, default_format="hf")
     _add_recipe(convert)
+    merge = _command(sub, "merge", "one MoE model from a base and several fine-tunes (one expert each)")
+    merge.add_argument("recipe_file", metavar="RECIPE.yaml",
+                       help="base_model, experts (source_model, positive_prompts), gate_mode, rest, "
+                            "and rewrite options such as top_k (mergekit-moe's layout)")
+    merge.add_argument("out", metavar="OUT", help="the directory to write (new or empty; never an input)")
+    _add_output_options(merge, default_format="native")
     parser.commands = sub.choices
     return parser
 
