@@ -43,3 +43,19 @@ def _calls(pattern, match: MLPMatch) -> bool:
             f"pattern={name} raised {type(error).__name__}: {error} on FFN {match.describe()}; "
             "the callable gets an upcycle_fx.MLPMatch (index, kind, activation, d_model, d_ff, "
             "paths, stack, block) and returns True to convert it.") from error
+
+
+def selection_reason(pattern: PatternSpec, match: MLPMatch, selected: bool) -> str:
+    """Why `pattern` takes (`selected`) or leaves `match`, in words."""
+    where = f"block {match.block} of {match.stack}" if match.stack is not None else "in no stack of blocks"
+    if pattern == "every_other_mlp":
+        rule = "pattern every_other_mlp takes odd blocks (1, 3, 5, ...) of each stack"
+        return f"{rule}; this FFN is {where}" if match.stack is not None else (
+            f"{rule}; this FFN is {where} (use pattern='all' or its index)")
+    if pattern == "all":
+        return "pattern all takes every FFN"
+    if callable(pattern):
+        name = getattr(pattern, "__qualname__", type(pattern).__name__)
+        return f"pattern {name}(match) returned {selected}"
+    listed = sorted(set(pattern))
+    return f"pattern {listed} {'lists' if selected else 'does not list'} FFN #{match.index}"
