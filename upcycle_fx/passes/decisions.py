@@ -32,6 +32,7 @@ class Decision:
     activation: str
     reason: str
     match: MLPMatch | None = None
+    note: str = ""       # the reason in a few words (a table column); "" for rejected ones
 
     @property
     def index(self) -> int | None:
@@ -62,8 +63,8 @@ def decide(model: nn.Module, mlps: MLPList, pattern: PatternSpec) -> list[Decisi
             decisions.append(Decision(REJECTED, where, m.kind, m.activation, f"{problem}; {fate}", m))
         else:
             status = SELECTED if m.index in chosen else NOT_SELECTED
-            decisions.append(Decision(status, where, m.kind, m.activation,
-                                      selection_reason(pattern, m, m.index in chosen), m))
+            note, reason = selection_reason(pattern, m, m.index in chosen)
+            decisions.append(Decision(status, where, m.kind, m.activation, reason, m, note))
     for miss in mlps.near_misses:
         decisions.append(Decision(REJECTED, miss.where, miss.pattern, miss.activation,
                                   f"not an FFN the {miss.pattern} pattern accepts: {miss.reason}"))

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import ROUTINGS, UpcycleConfig
 from ..errors import UpcycleConfigError
 from ..moe import MoESettings
+from ..report import routing_text
 from .find_mlps import MLPMatch
 
 DEFAULT_ROUTING = "top_k"
@@ -120,3 +121,18 @@ def is_causal(model: nn.Module, stack: str | None) -> bool:
     if getattr(config, "is_encoder_decoder", False):
         return stack is not None and "decoder" in stack.split(".")
     return bool(getattr(config, "is_decoder", False)) or type(model).__name__.endswith(CAUSAL_CLASS_SUFFIXES)
+
+
+def routing_spec_text(routing) -> str:
+    """`UpcycleConfig.routing` as the command line writes it: "top_k",
+    "encoder=expert_choice,decoder=top_k", or a callable's name."""
+    if isinstance(routing, str):
+        return routing
+    if isinstance(routing, Mapping):
+        return ",".join(f"{key}={value}" for key, value in routing.items())
+    return getattr(routing, "__qualname__", type(routing).__name__)
+
+
+def routing_rows(config: UpcycleConfig, matches: list[MLPMatch]) -> tuple[tuple[str, str], ...]:
+    """(FFN module path, its routing in words) per converted FFN, for `UpcycleReport.routing`."""
+    return tuple((m.path or "<model>", routing_text(settings_for(config, m))) for m in matches)
