@@ -29,6 +29,7 @@ def step(what: str):
 
 
 MODULE_WIDTH = 40   # the module column is at least this wide (or as wide as its longest path)
+SHORT_WIDTH = 16    # other columns of the decision table: at least as wide as their text, up to this
 CONVERT = {"selected": "yes", "not selected": "no", "rejected": "rejected"}
 
 
@@ -52,9 +53,7 @@ def decision_table(mlps, routing: dict[int, str] | None = None) -> Table:
     rejected = sum(d.status == "rejected" for d in mlps.decisions)
     table = Table(title=f"{len(mlps)} FFNs found, {rejected} candidate(s) rejected")
     columns = ("#", "module", "kind", "activation", "d_model", "d_ff", "convert", "why")
-    widest = max((len(d.where) for d in mlps.decisions), default=0)
-    for column in columns + (("routing",) if routing else ()):  # module paths stay whole where they fit
-        table.add_column(column, overflow="fold", min_width=min(widest, MODULE_WIDTH) if column == "module" else None)
+    rows = []
     for d in mlps.decisions:
         m = d.match
         sizes = (str(m.d_model), str(m.d_ff)) if m is not None else ("", "")
@@ -62,6 +61,13 @@ def decision_table(mlps, routing: dict[int, str] | None = None) -> Table:
                CONVERT[d.status], d.note or "see below"]
         if routing:
             row.append(routing.get(d.index, "") if d.status == "selected" else "")
+        rows.append(row)
+    for i, column in enumerate(columns + (("routing",) if routing else ())):
+        # short columns never wrap; module paths stay whole where they fit
+        widest = max([len(column)] + [len(row[i]) for row in rows])
+        table.add_column(column, overflow="fold",
+                         min_width=min(widest, MODULE_WIDTH if column == "module" else SHORT_WIDTH))
+    for row in rows:
         table.add_row(*row)
     return table
 
