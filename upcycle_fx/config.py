@@ -36,6 +36,8 @@ class UpcycleConfig:
     softmax-then-top-k weights (NVIDIA's recipe), which scales each FFN output by the routed mass.
     `expert_init="random"` re-initialises every expert instead of copying the FFN (the paper's
     ablation: each weight matrix drawn N(0, σ²) with σ the dense matrix's own std, biases zero).
+    `routing` may differ per stack or FFN: {"encoder": "expert_choice", "decoder": "top_k"} (the
+    paper's setting), FFN indices as keys, or a callable on an MLPMatch (see passes/stack_routing.py).
     """
 
     pattern: PatternSpec = "every_other_mlp"

@@ -86,6 +86,8 @@ def replace_problem(model: nn.Module, match: MLPMatch) -> str | None:
 def explain(mlps: MLPList) -> str:
     """The decisions, one line each (the table `upcycle-fx inspect` prints, as plain text)."""
     if not mlps.decisions:
+        if mlps or mlps.near_misses:
+            return "no decisions recorded: upcycle_fx.find_mlps(model, pattern=...) makes them"
         return "no FFN candidates (nothing matched a pattern)"
     return "\n".join(str(d) for d in mlps.decisions)
 
