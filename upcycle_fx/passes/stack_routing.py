@@ -90,8 +90,9 @@ def check_routing(model: nn.Module, mlps: list[MLPMatch], chosen: list[MLPMatch]
         stacks = list(dict.fromkeys(m.stack for m in mlps if m.stack is not None))
         for key in routing:
             if isinstance(key, str) and not any(names_stack(key, s) for s in stacks):
-                have = (f"its stacks of blocks are {', '.join(stacks)} (name one by its path or a part "
-                        "of it, e.g. 'encoder')" if stacks else "it has no stack of repeated blocks")
+                have = (f"its stacks of blocks are {', '.join(s or '<model>' for s in stacks)} (name one "
+                        "by its path or a part of it, e.g. 'encoder')" if stacks
+                        else "it has no stack of repeated blocks")
                 raise UpcycleConfigError(
                     f"routing key {key!r} names no stack of {type(model).__name__}: {have}; or key "
                     "FFNs by index (see upcycle_fx.find_mlps).")
