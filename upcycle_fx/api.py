@@ -22,6 +22,8 @@ from .config import PatternSpec, UpcycleConfig, check_bool
 from .errors import NoMLPFoundError, UpcycleConfigError
 from .passes import MLPList, MLPMatch, select_mlps, upcycle_matches
 from .passes.already_moe import refuse_moe_models
+from .passes.decisions import decide, nothing_found_message
+from .passes.stack_routing import check_routing
 from .passes.verify import preserves_function, run_upcycled, verify_upcycled
 from .passes import find_mlps as _find_mlps
 from .report import count_parameters
@@ -64,16 +66,21 @@ def _leaf_policy(leaf_modules) -> LeafPolicy | None:
     return LeafPolicy(leaf_classes=classes, leaf_names=names)
 
 
-def find_mlps(model: nn.Module, example_inputs: Any = None, *, leaf_modules=()) -> MLPList:
+def find_mlps(model: nn.Module, example_inputs: Any = None, *, leaf_modules=(),
+              pattern: PatternSpec = "every_other_mlp") -> MLPList:
     """Dry run: the FFNs found, in execution order, with kind, d_model, d_ff, activation and
-    module paths. Nothing is rewritten. `.near_misses` / `.capture_failures` say what was
-    rejected and why. MoE models are refused (`AlreadyMoEError`)."""
+    module paths. Nothing is rewritten. `.decisions` (and `.explain()`) say for every candidate
+    whether `pattern` selects it, leaves it, or why it is rejected; `.near_misses` /
+    `.capture_failures` are the raw diagnostics. MoE models are refused (`AlreadyMoEError`)."""
     _check_model(model, "find_mlps")
     check_example_inputs(example_inputs)
     policy = _leaf_policy(leaf_modules)
+    UpcycleConfig(pattern=pattern)  # the pattern checked as rewrite checks it, before any work
     refuse_moe_models(model)
     with left_as_found(model):
-        return _find_mlps(model, example_inputs, policy)
+        mlps = _find_mlps(model, example_inputs, policy)
+        mlps.decisions = decide(model, mlps, pattern)
+    return mlps
 
 
 def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_inputs: Any = None,
@@ -91,10 +98,11 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_in
     check_bool("inplace", inplace)
     check_bool("verify", verify)
     config = config or UpcycleConfig()
-    mlps = find_mlps(model, example_inputs, leaf_modules=leaf_modules)
+    mlps = find_mlps(model, example_inputs, leaf_modules=leaf_modules, pattern=config.pattern)
     if not mlps:
-        raise NoMLPFoundError(_nothing_found(model, mlps))
+        raise NoMLPFoundError(nothing_found_message(model, mlps))
     chosen = select_mlps(mlps, config.pattern)
+    check_routing(model, mlps, chosen, config)
     _check_memory(model, chosen, config, inplace)
     params_before = count_parameters(model)
     inputs, unverified, preserves = None, None, preserves_function(config)
@@ -185,16 +193,3 @@ def _check_memory(model: nn.Module, chosen: list[MLPMatch], config: UpcycleConfi
             f"num_experts={config.num_experts} over {len(chosen)} FFNs needs about "
             f"{needed / 2**30:,.1f} GiB on {weight.device}, which has {available / 2**30:,.1f} GiB "
             "in all; lower num_experts or convert fewer FFNs (pattern=).")
-
-
-def _nothing_found(model: nn.Module, mlps: MLPList) -> str:
-    lines = [f"{type(model).__name__}: no FFN (Linear -> activation -> Linear, gated or fused "
-             "gated) was found."]
-    for miss in mlps.near_misses[:5]:
-        lines.append(f"  rejected {miss.pattern} candidate in {miss.region or '<model>'}: {miss.reason}")
-    for path, reason in mlps.capture_failures[:5]:
-        lines.append(f"  could not capture {path or '<model>'}: {reason}")
-    lines.append("If the model has an FFN, pass example_inputs= so it can be captured, mark "
-                 "opaque modules with leaf_modules=, or register its activation with "
-                 "upcycle_fx.register_activation.")
-    return "\n".join(lines)

@@ -11,7 +11,7 @@ import math
 import numbers
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 from .errors import UpcycleConfigError
 
@@ -22,6 +22,9 @@ MAX_EXPERTS = 4096  # far above any published MoE (DeepSeek-V3: 256); beyond it 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 PatternSpec = Union[str, Sequence[int], Callable[..., bool]]
+# One routing for every FFN; per stack ({"encoder": "expert_choice", "decoder": "top_k"}) and/or
+# per FFN index ({0: "top_k"}); or a callable on an MLPMatch returning a routing name.
+RoutingSpec = Union[str, Mapping[Union[str, int], str], Callable[..., str]]
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,14 @@ class UpcycleConfig:
     softmax-then-top-k weights (NVIDIA's recipe), which scales each FFN output by the routed mass.
     `expert_init="random"` re-initialises every expert instead of copying the FFN (the paper's
     ablation: each weight matrix drawn N(0, σ²) with σ the dense matrix's own std, biases zero).
+    `routing` may differ per stack or FFN: {"encoder": "expert_choice", "decoder": "top_k"} (the
+    paper's setting), FFN indices as keys, or a callable on an MLPMatch (see passes/stack_routing.py).
     """
 
     pattern: PatternSpec = "every_other_mlp"
     num_experts: int = 8
     top_k: int = 2
-    routing: str = "top_k"
+    routing: RoutingSpec = "top_k"
     capacity_factor: float | None = None
     normalize_weights: bool = True
     router_init_std: float = 0.02
@@ -52,9 +57,8 @@ class UpcycleConfig:
         check_int("num_experts", self.num_experts, minimum=1, maximum=MAX_EXPERTS,
                   hint="the number of experts each converted FFN becomes, 8 to 64 are usual")
         check_int("top_k", self.top_k, minimum=1)
-        _check_choice("routing", self.routing, ROUTINGS,
-                      "'top_k' for decoders, 'expert_choice' for encoders and vision")
-        if self.routing == "top_k" and self.top_k > self.num_experts:
+        _check_routing(self)
+        if self.routing != "expert_choice" and self.top_k > self.num_experts:
             raise UpcycleConfigError(
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}: each token can only "
                 f"pick among {self.num_experts} experts; lower top_k or raise num_experts."
@@ -105,6 +109,28 @@ def check_bool(name: str, value: object) -> None:
 def _check_choice(name: str, value: object, choices: tuple[str, ...], hint: str) -> None:
     if not isinstance(value, str) or value not in choices:
         raise UpcycleConfigError(f"{name}={value!r} is unknown; choose one of {choices} ({hint}).")
+
+
+def _check_routing(config: "UpcycleConfig") -> None:
+    """A routing name, a non-empty mapping of stack names / FFN indices to routing names (kept
+    as a copy, so later changes to the caller's dict do not change the config), or a callable.
+    Whether the keys name stacks of the model is checked by `upcycle` once the FFNs are found."""
+    routing, hint = config.routing, "'top_k' for decoders, 'expert_choice' for encoders and vision"
+    if isinstance(routing, Mapping):
+        if not routing:
+            raise UpcycleConfigError("routing={} names no stack; give a routing name ('top_k') or "
+                                     "e.g. {'encoder': 'expert_choice', 'decoder': 'top_k'}.")
+        for key, value in routing.items():
+            if isinstance(key, bool) or not (isinstance(key, str) and key
+                                             or isinstance(key, numbers.Integral) and key >= 0):
+                raise UpcycleConfigError(
+                    f"routing key {key!r} must be a stack name ('encoder', 'decoder', or a stack "
+                    "path like 'model.decoder.layers') or an FFN index >= 0 (see upcycle_fx.find_mlps).")
+            _check_choice(f"routing[{key!r}]", value, ROUTINGS, hint)
+        object.__setattr__(config, "routing", dict(routing))
+    elif not callable(routing):
+        _check_choice("routing", routing, ROUTINGS, hint + "; or a mapping per stack, e.g. "
+                      "{'encoder': 'expert_choice', 'decoder': 'top_k'}")
 
 
 def _check_pattern(pattern: PatternSpec) -> None:

@@ -37,6 +37,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     inspect = _command(sub, "inspect", "list the FFNs found (dry run)")
     inspect.add_argument("model", nargs="?", help=MODEL_HELP)
     _add_pattern(inspect)
+    _add_routing(inspect)
     _add_recipe(inspect)
 
     rewrite = _command(sub, "rewrite", "convert FFNs to MoE and report; with --out, write the model")
@@ -105,14 +106,43 @@ def _add_pattern(parser: argparse.ArgumentParser) -> None:
                              "(execution order, see inspect)")
 
 
+def parse_routing(value):
+    """--routing: a name (top_k, expert_choice), or per stack / FFN index: encoder=expert_choice,
+    decoder=top_k or 0=top_k,1=expert_choice (a recipe may give a mapping). Whether the stacks
+    exist is checked once the model is loaded."""
+    if isinstance(value, dict):
+        routing = dict(value)
+    elif "=" not in value:
+        routing = {None: value}
+    else:
+        routing = {}
+        for item in value.split(","):
+            key, sep, name = (part.strip() for part in item.partition("="))
+            if not sep or not key or not name or "=" in name:
+                raise argparse.ArgumentTypeError(
+                    f"{value!r}: write STACK=ROUTING pairs separated by commas, e.g. "
+                    "encoder=expert_choice,decoder=top_k")
+            routing[int(key) if key.isdigit() else key] = name
+    for name in routing.values():
+        if name not in ROUTINGS:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(ROUTINGS)}")
+    return routing.get(None, value) if None in routing else routing
+
+
+def _add_routing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--routing", type=parse_routing, default=DEFAULTS.routing, metavar="ROUTING",
+                        help=f"{' or '.join(ROUTINGS)} for every FFN (top_k for decoders; expert_choice "
+                             "for encoders and vision), or per stack of blocks / FFN index, e.g. "
+                             "encoder=expert_choice,decoder=top_k (stacks: see inspect)")
+
+
 def _add_upcycle_options(parser: argparse.ArgumentParser) -> None:
     """The options of the rewrite itself: one per UpcycleConfig field, same name and default."""
     _add_pattern(parser)
     parser.add_argument("--experts", "--num-experts", dest="num_experts", type=int, metavar="E",
                         default=DEFAULTS.num_experts, help="experts per MoE layer")
     parser.add_argument("--top-k", type=int, metavar="K", default=DEFAULTS.top_k, help="experts each token uses")
-    parser.add_argument("--routing", choices=ROUTINGS, default=DEFAULTS.routing,
-                        help="top_k for decoders; expert_choice for encoders and vision")
+    _add_routing(parser)
     parser.add_argument("--capacity-factor", type=float, metavar="C", default=DEFAULTS.capacity_factor,
                         help="per-expert token capacity (drops tokens: not function-preserving) "
                              "(default: dropless)")

@@ -13,7 +13,7 @@ modules after it on a straight chain (BERT's `output.dense`, GPT-2's `act`/`c_pr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -21,12 +21,13 @@ from torch import fx, nn
 from ..capture.leaves import is_projection_module
 from ..config import UpcycleConfig
 from ..errors import RewriteError
-from ..moe import MoE, MoESettings, Router
+from ..moe import MoE, Router
 from ..moe.experts import Experts, FFNWeights
 from ..patterns import FFNSite
 from ..patterns.plain import module_problem
 from .find_mlps import MLPMatch
 from .splice import SplicePlan, check_spliceable, enclosing_module, splice
+from .stack_routing import settings_for
 
 
 class FoldedModuleError(RewriteError, AttributeError):
@@ -190,7 +191,7 @@ def build_moe(match: MLPMatch, model: nn.Module, config: UpcycleConfig,
         experts.reinitialize(generator)
     router = Router(site.d_model, config.num_experts, init_std=config.router_init_std,
                     generator=generator, device=weights.up.device, dtype=weights.up.dtype)
-    settings = MoESettings(**{f.name: getattr(config, f.name) for f in fields(MoESettings)})
+    settings = settings_for(config, match)
     return MoE(router, experts, settings, source=match.path, mlp_index=match.index)
 
 
