@@ -278,3 +278,12 @@ def test_whisper_expert_choice_in_the_encoder_top_k_in_the_decoder(tmp_path):
     loaded = upcycle_fx.load(tmp_path, example_inputs={k: v.to("meta") for k, v in inputs.items()}).eval()
     assert routings(loaded) == routings(model)
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
+
+
+def test_a_mapping_with_top_k_everywhere_is_verified_against_the_dense_model():
+    from upcycle_fx import UpcycleConfig
+    from upcycle_fx.passes.verify import preserves_function
+
+    assert preserves_function(UpcycleConfig(routing={"encoder": "top_k", "decoder": "top_k"}))
+    assert not preserves_function(UpcycleConfig(routing={"encoder": "expert_choice", "decoder": "top_k"}))
+    assert not preserves_function(UpcycleConfig(routing=lambda match: "top_k"))

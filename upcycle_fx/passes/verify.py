@@ -22,6 +22,7 @@ worst error measured over the test zoo (25 models, every FFN converted, top_k 1,
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import torch
@@ -40,7 +41,13 @@ MAX_BISECT = 64  # FFNs converted one at a time to name the faulty ones
 
 
 def preserves_function(config: UpcycleConfig) -> bool:
-    return (config.routing == "top_k" and config.normalize_weights
+    """Whether the configuration computes the dense function at conversion. A routing mapping
+    preserves it when every layer it names is top-k (unnamed layers are top-k); a callable's
+    choices are not known before the rewrite, so it is not counted as preserving."""
+    routing = config.routing
+    top_k_everywhere = (routing == "top_k" if isinstance(routing, str)
+                        else isinstance(routing, Mapping) and all(v == "top_k" for v in routing.values()))
+    return (top_k_everywhere and config.normalize_weights
             and config.expert_noise_std == 0 and config.capacity_factor is None
             and config.expert_init == "copy")
 
