@@ -9,6 +9,8 @@ from .errors import (AlreadyMoEError, CaptureError, NoMLPFoundError, NoMLPSelect
                      RewriteError, UpcycleConfigError, UpcycleError)
 from .moe import MoE
 from .passes import FoldedIntoMoE, MLPMatch
+from .passes.decisions import Decision
+from .passes.stack_routing import NonCausalRoutingWarning
 from .patterns import register_activation
 from .exporters.checkpoint import load, save
 from .exporters.errors import (CheckpointError, CheckpointMismatchError, HFFormatError,
@@ -33,7 +35,7 @@ __all__ = [
     "set_aux_loss_in_output", "aux_loss_in_output", "MoECallback",
     "CheckpointDtypeError", "CheckpointWriteError", "InterruptedReplaceError", "LeftoverOutputWarning",
     "ManifestError", "NotACheckpointError", "OutputOverlapsInputError", "ShardSizeError",
-    "TerminatedDuringWriteError", "merge_experts", "ExpertSourceError",
+    "TerminatedDuringWriteError", "merge_experts", "ExpertSourceError", "Decision", "NonCausalRoutingWarning",
 ]
 
 register_with_transformers()  # from_pretrained of saved upcycled models; transformers stays unimported
