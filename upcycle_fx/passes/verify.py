@@ -40,9 +40,13 @@ MAX_BISECT = 64  # FFNs converted one at a time to name the faulty ones
 
 
 def preserves_function(config: UpcycleConfig) -> bool:
+    from ..moe.expert_init import expert_init
+    from ..moe.segments import routed_group_size
+
+    whole_groups = config.top_k % routed_group_size(config.granularity, config.num_shared_experts) == 0
     return (config.routing == "top_k" and config.normalize_weights
             and config.expert_noise_std == 0 and config.capacity_factor is None
-            and config.expert_init == "copy")
+            and expert_init(config.expert_init).preserves_function(config) and whole_groups)
 
 
 def tolerance_for(dtype: torch.dtype) -> float:
