@@ -1,0 +1,168 @@
+"""Fine-grained (granular) experts: each FFN split into G segments, E copies of each.
+
+The construction (`upcycle_fx.moe.segments`): expert i holds segment i mod G, router rows are
+equal within each virtual group of G experts, down projections are scaled by G; with
+renormalised top-K weights and K a multiple of G the layer computes the dense FFN exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import upcycle_fx
+from upcycle_fx import UpcycleConfig, UpcycleConfigError
+from upcycle_fx.moe import MoE, MoESettings, Router
+from upcycle_fx.moe.dispatch import dispatch
+from upcycle_fx.moe.experts import Experts, FFNWeights
+from upcycle_fx.moe.segments import expert_layout, tie_router_groups
+from upcycle_fx.passes.verify import preserves_function
+
+from helpers import FUNCTION_TOLERANCE, build, max_error
+
+FAMILIES = ["llama", "gpt2", "bert", "phi3", "hw-squared-relu"]
+LAYOUTS = {"E2xG4-top4": (8, 4, 4), "E6xG2-top6": (12, 6, 2), "neuron-split-G4": (4, 4, 4),
+           "E3xG2-top4": (6, 4, 2)}
+CASES = [(name, "E2xG4-top4") for name in FAMILIES] + [("hw-swiglu", layout) for layout in LAYOUTS]
+
+
+@pytest.mark.parametrize("name, layout", CASES)
+def test_granular_experts_compute_the_dense_function(name, layout):
+    """Every form (gated, fused gate-up, Conv1D, biases, non-homogeneous activations), copies
+    or the plain neuron split (one copy per segment: LLaMA-MoE), to <= 1e-5 in float32."""
+    experts, top_k, granularity = LAYOUTS[layout]
+    dense = build(name).eval()
+    moe_model = upcycle_fx.rewrite(dense, "all", num_experts=experts, top_k=top_k, granularity=granularity,
+                                   router_init_std=1.0, seed=0)
+    layers = upcycle_fx.moe_layers(moe_model)
+    assert layers and all(m.num_experts == experts and m.experts.d_ff * granularity == _d_ff(dense, m)
+                          for _, m in layers)
+    assert max_error(dense, moe_model, name) <= FUNCTION_TOLERANCE
+
+
+def _d_ff(dense, moe: MoE) -> int:
+    (match,) = [m for m in upcycle_fx.find_mlps(dense) if m.index == moe.mlp_index]
+    return match.d_ff
+
+
+def _ffn(d=16, f=24, gated=True, bias=True, seed=0) -> FFNWeights:
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * f if gated else f
+    return FFNWeights(torch.randn(rows, d, generator=g), torch.randn(rows, generator=g) if bias else None,
+                      torch.randn(d, f, generator=g), torch.randn(d, generator=g) if bias else None, gated)
+
+
+def _dense_out(ffn: FFNWeights, x: torch.Tensor) -> torch.Tensor:
+    h = torch.nn.functional.linear(x, ffn.up, ffn.up_bias)
+    if ffn.gated:
+        gate, up = h.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up
+    else:
+        h = torch.nn.functional.silu(h)
+    return torch.nn.functional.linear(h, ffn.down, ffn.down_bias)
+
+
+def _granular_moe(ffn: FFNWeights, num_experts: int, granularity: int, settings: MoESettings, seed=0) -> MoE:
+    layout = expert_layout(ffn.d_ff, num_experts, granularity)
+    experts = Experts.from_units(ffn, layout.routed_units, down_scale=layout.routed_scale,
+                                 activation=torch.nn.SiLU(), activation_name="silu")
+    router = Router(ffn.d_model, num_experts, init_std=1.0, generator=torch.Generator().manual_seed(seed))
+    tie_router_groups(router.weight, layout.group_size)
+    return MoE(router, experts, settings)
+
+
+def test_expert_i_holds_segment_i_mod_g_and_router_rows_are_tied():
+    ffn = _ffn(f=24)
+    moe = _granular_moe(ffn, 9, 3, MoESettings(top_k=3))
+    width = 8
+    for i in range(9):
+        segment = slice((i % 3) * width, (i % 3 + 1) * width)
+        torch.testing.assert_close(moe.experts.up_proj[i, :width], ffn.up[:24][segment], rtol=0, atol=0)
+        torch.testing.assert_close(moe.experts.down_proj[i], 3 * ffn.down[:, segment], rtol=0, atol=0)
+        torch.testing.assert_close(moe.experts.down_bias[i], ffn.down_bias, rtol=0, atol=0)
+        torch.testing.assert_close(moe.router.weight[i], moe.router.weight[(i // 3) * 3], rtol=0, atol=0)
+    assert not torch.equal(moe.router.weight[0], moe.router.weight[3])
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "auto"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_every_dropless_dispatch_keeps_the_dense_function(impl, gated):
+    ffn = _ffn(gated=gated)
+    x = torch.randn(37, 16)
+    moe = _granular_moe(ffn, 8, 4, MoESettings(top_k=4)).eval()
+    moe.dispatch_impl = impl
+    with torch.no_grad():
+        expected = _dense_out(ffn, x)
+        assert upcycle_fx.report.relative_error(moe(x), expected) <= FUNCTION_TOLERANCE
+
+
+SETTINGS = {"dropless": MoESettings(top_k=4), "capacity": MoESettings(top_k=4, capacity_factor=1.0),
+            "expert_choice": MoESettings(routing="expert_choice"),
+            "unnormalised": MoESettings(top_k=2, normalize_weights=False)}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_fast_paths_equal_the_loop_oracle(setting):
+    """Values and gradients of the auto path (grouped or batched) equal the loop's."""
+    settings = SETTINGS[setting]
+    moe = _granular_moe(_ffn(), 8, 4, settings)
+    x = torch.randn(19, 16, requires_grad=True)
+    results = {}
+    for impl in ("auto", "loop"):
+        logits = moe.router(x)
+        routing = moe.route(logits)
+        out = dispatch(x, routing, moe.experts, impl)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        results[impl] = (out, torch.autograd.grad((out * weights).sum(), [x, moe.router.weight, moe.experts.up_proj]))
+    torch.testing.assert_close(results["auto"][0], results["loop"][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(results["auto"][1], results["loop"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_top_k_not_a_multiple_of_g_does_not_keep_the_function_and_says_so():
+    """top_k=3 of G=2 groups splits a group: not function-preserving, flagged as such (the
+    rewrite then runs the model once instead of verifying it against the dense one)."""
+    config = UpcycleConfig(num_experts=8, top_k=3, granularity=2)
+    assert not preserves_function(config)
+    assert preserves_function(UpcycleConfig(num_experts=8, top_k=4, granularity=2))
+    ffn = _ffn(gated=False)
+    x = torch.randn(32, 16)
+    moe = _granular_moe(ffn, 8, 2, MoESettings(top_k=3)).eval()
+    with torch.no_grad():
+        assert upcycle_fx.report.relative_error(moe(x), _dense_out(ffn, x)) > 1e-3
+
+
+def test_d_ff_not_divisible_is_a_named_error_before_the_model_is_copied(monkeypatch):
+    dense = build("llama")
+    d_ff = upcycle_fx.find_mlps(dense)[0].d_ff
+    granularity = next(g for g in range(3, 50) if d_ff % g)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was copied before the check")
+
+    monkeypatch.setattr(upcycle_fx.api.copy, "deepcopy", forbidden)
+    with pytest.raises(UpcycleConfigError, match=rf"granularity={granularity}.*FFN #|FFN #.*granularity={granularity}"):
+        upcycle_fx.rewrite(dense, num_experts=granularity, top_k=granularity, granularity=granularity)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_experts=6, granularity=4), "num_experts=6 is not a multiple of 4"),
+    (dict(granularity=0), "granularity=0"),
+    (dict(granularity=2.0), "granularity=2.0"),
+])
+def test_impossible_granular_settings_are_named(kwargs, match):
+    with pytest.raises(UpcycleConfigError, match=match):
+        UpcycleConfig(**kwargs)
+
+
+def test_native_save_and_load_rebuild_granular_layers(tmp_path):
+    dense = build("llama").eval()
+    model = upcycle_fx.rewrite(dense, "all", num_experts=8, top_k=4, granularity=4, router_init_std=1.0, seed=0)
+    upcycle_fx.save(model, tmp_path / "ckpt")
+    loaded = upcycle_fx.load(tmp_path / "ckpt", copy.deepcopy(dense)).eval()
+    for (_, a), (_, b) in zip(upcycle_fx.moe_layers(loaded), upcycle_fx.moe_layers(model)):
+        assert a.settings == b.settings and a.experts.d_ff == b.experts.d_ff and a.num_experts == 8
+    assert max_error(model, loaded, "llama") == 0.0
+    assert max_error(dense, loaded, "llama") <= FUNCTION_TOLERANCE
