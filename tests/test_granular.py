@@ -166,3 +166,23 @@ def test_native_save_and_load_rebuild_granular_layers(tmp_path):
         assert a.settings == b.settings and a.experts.d_ff == b.experts.d_ff and a.num_experts == 8
     assert max_error(model, loaded, "llama") == 0.0
     assert max_error(dense, loaded, "llama") <= FUNCTION_TOLERANCE
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("kind, pattern, architecture", [("qwen3", "every_other_mlp", "Qwen3MoeForCausalLM"),
+                                                         ("llama", "all", "MixtralForCausalLM"),
+                                                         ("llama", "every_other_mlp", "Qwen2MoeForCausalLM")])
+def test_stock_checkpoint_holds_fine_grained_experts(kind, pattern, architecture, tmp_path):
+    """format='hf' writes the experts' width (`moe_intermediate_size`; Mixtral: `intermediate_size`)
+    and the tied router rows; stock AutoModelForCausalLM gives the upcycled logits to <= 1e-5."""
+    from test_hf_formats import dense, logits_error, write_and_load
+
+    source = dense(kind, **({"head_dim": 32} if kind == "qwen3" else {}))
+    model = upcycle_fx.rewrite(source, pattern, num_experts=8, top_k=4, granularity=4, router_init_std=1.0, seed=0)
+    loaded, config = write_and_load(model, tmp_path / "hf")
+    assert type(loaded).__name__ == architecture
+    width = upcycle_fx.moe_layers(model)[0][1].experts.d_ff
+    assert config["moe_intermediate_size" if architecture != "MixtralForCausalLM" else "intermediate_size"] == width
+    assert config["num_experts_per_tok"] == 4
+    assert logits_error(loaded, model) <= FUNCTION_TOLERANCE
+    assert logits_error(loaded, source) <= FUNCTION_TOLERANCE
