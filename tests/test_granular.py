@@ -186,3 +186,35 @@ def test_stock_checkpoint_holds_fine_grained_experts(kind, pattern, architecture
     assert config["num_experts_per_tok"] == 4
     assert logits_error(loaded, model) <= FUNCTION_TOLERANCE
     assert logits_error(loaded, source) <= FUNCTION_TOLERANCE
+
+
+def test_onnx_fused_node_only_where_it_breaks_no_router_ties():
+    """top_k a multiple of G picks whole groups of equal router rows: fused. Otherwise ties
+    decide, which onnxruntime breaks its own way: portable, with the reason."""
+    from upcycle_fx.exporters.onnx.plan import fused_form
+    from upcycle_fx.exporters.onnx.targets import TARGETS
+
+    whole = _granular_moe(_ffn(), 8, 4, MoESettings(top_k=4, granularity=4))
+    split = _granular_moe(_ffn(), 8, 4, MoESettings(top_k=2, granularity=4))
+    assert not isinstance(fused_form(whole, TARGETS["cpu"]), str)
+    assert "splits the groups of 4 equal router rows" in fused_form(split, TARGETS["cpu"])
+    with torch.no_grad():
+        split.router.weight.add_(torch.randn_like(split.router.weight) * 1e-3)   # trained apart
+    assert not isinstance(fused_form(split, TARGETS["cpu"]), str)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "portable"])
+def test_onnx_export_of_granular_layer_matches_onnxruntime(fused, tmp_path):
+    from onnx_helpers import ONNX_TOLERANCE, Block, ort_run, ort_session, relative_error as ort_error, tokens
+
+    ffn = _ffn()
+    block = Block(_granular_moe(ffn, 8, 4, MoESettings(top_k=4, granularity=4)).eval())
+    path = upcycle_fx.export_onnx(block, tmp_path / "layer.onnx", args=(tokens(2, 6),), fused=fused)
+    assert path.report.layers[0].lowering == ("fused" if fused else "portable")
+    session = ort_session(path)
+    for batch, seq in [(3, 5), (1, 17)]:
+        x = tokens(batch, seq)
+        with torch.no_grad():
+            assert ort_error(ort_run(session, {"x": x}), block(x)) <= ONNX_TOLERANCE
+            dense = x + _dense_out(ffn, x)
+            assert ort_error(ort_run(session, {"x": x}), dense) <= ONNX_TOLERANCE

@@ -158,3 +158,31 @@ def test_targets_without_shared_experts_refuse_them(target, tmp_path):
     model = _rewrite(dense(kind, **({"head_dim": 32} if kind == "qwen3" else {})), "G2-1-shared-gated")
     with pytest.raises(HFFormatError, match="shared experts, which .* lacks"):
         upcycle_fx.save(model, tmp_path / "hf", format="hf", hf_target=target)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "portable"])
+def test_onnx_export_holds_shared_and_fine_grained_experts(fused, tmp_path):
+    """The routed experts become the com.microsoft::MoE node (or the portable lowering), the
+    gated shared experts standard operators beside it; onnxruntime matches PyTorch (<= 1e-4,
+    float32 CPU), also with a trained gate."""
+    import onnx
+
+    from onnx_helpers import ONNX_TOLERANCE, Block, ort_run, ort_session, relative_error as ort_error, tokens
+
+    model = _rewrite(build("hw-swiglu"), "G2-1-shared-gated")
+    (_, moe), *_ = upcycle_fx.moe_layers(model)
+    moe = copy.deepcopy(moe).eval()
+    with torch.no_grad():
+        moe.shared.gate.weight.normal_()
+    block = Block(moe)
+    d = moe.experts.d_model
+    path = upcycle_fx.export_onnx(block, tmp_path / "layer.onnx", args=(tokens(2, 6, d),), fused=fused)
+    assert path.report.layers[0].lowering == ("fused" if fused else "portable")
+    graph = onnx.load(str(path)).graph
+    assert sum(n.domain == "com.microsoft" for n in graph.node) == int(fused)
+    assert any(n.op_type == "Sigmoid" for n in graph.node)
+    session = ort_session(path)
+    for batch, seq in [(3, 5), (1, 17)]:
+        x = tokens(batch, seq, d)
+        with torch.no_grad():
+            assert ort_error(ort_run(session, {"x": x}), block(x)) <= ONNX_TOLERANCE
