@@ -186,3 +186,30 @@ def test_onnx_export_holds_shared_and_fine_grained_experts(fused, tmp_path):
         x = tokens(batch, seq, d)
         with torch.no_grad():
             assert ort_error(ort_run(session, {"x": x}), block(x)) <= ONNX_TOLERANCE
+
+
+@pytest.mark.slow
+def test_cli_writes_a_fine_grained_shared_expert_model_users_load_with_transformers(tmp_path):
+    """`upcycle-fx rewrite DIR --granularity 2 --shared-experts 1 --shared-expert-gate --format hf`
+    (options from a recipe, one overridden by a flag) writes a Qwen2-MoE that stock transformers
+    loads with the dense model's logits; an impossible combination exits 2 with the named error."""
+    from cli_models import llama_dir, run_cli, snapshot
+
+    source = llama_dir(tmp_path / "llama")
+    before = snapshot(source)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("experts: 4\ntop_k: 2\ngranularity: 2\nshared_experts: 1\nshared_expert_gate: true\n")
+    result = run_cli("rewrite", source, "--recipe", recipe, "--pattern", "all", "--router-init-std", "1.0",
+                     "--format", "hf", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr + result.stdout
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    dense_model = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
+    assert type(loaded).__name__ == "Qwen2MoeForCausalLM"
+    assert loaded.config.shared_expert_intermediate_size == loaded.config.moe_intermediate_size == 32
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_error(loaded(input_ids=ids).logits, dense_model(input_ids=ids).logits) <= 1e-5
+    bad = run_cli("rewrite", source, "--granularity", "4", "--shared-experts", "4", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "at most 3 of its 4 segments" in " ".join((bad.stderr + bad.stdout).split())
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+    assert snapshot(source) == before
