@@ -218,3 +218,76 @@ def test_onnx_export_of_granular_layer_matches_onnxruntime(fused, tmp_path):
             assert ort_error(ort_run(session, {"x": x}), block(x)) <= ONNX_TOLERANCE
             dense = x + _dense_out(ffn, x)
             assert ort_error(ort_run(session, {"x": x}), dense) <= ONNX_TOLERANCE
+
+
+def test_save_pretrained_and_streaming_conversion_hold_granular_layers(tmp_path):
+    """save_pretrained/from_pretrained (the quantizer path rebuilds from the stored settings) and
+    convert_checkpoint (layer by layer, never the whole model) give the same fine-grained model."""
+    import transformers
+
+    from cli_models import llama_dir
+
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def logits_error(a, b):
+        with torch.no_grad():
+            return upcycle_fx.report.relative_error(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+    source = llama_dir(tmp_path / "llama")
+    dense = transformers.AutoModelForCausalLM.from_pretrained(source, local_files_only=True).eval()
+    config = UpcycleConfig(pattern="all", num_experts=8, top_k=4, granularity=4, router_init_std=1.0, seed=0)
+    model = upcycle_fx.upcycle(dense, config).model.eval()
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", local_files_only=True).eval()
+    assert logits_error(reloaded, model) == 0.0
+    assert all(m.settings.granularity == 4 and m.experts.d_ff == 16 for _, m in upcycle_fx.moe_layers(reloaded))
+    upcycle_fx.convert_checkpoint(source, tmp_path / "streamed", config)
+    streamed = upcycle_fx.load(tmp_path / "streamed").eval()
+    assert logits_error(streamed, model) == 0.0
+    assert logits_error(streamed, dense) <= FUNCTION_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_granular_and_shared_pass_the_rewrites_own_check(dtype):
+    """In bf16/fp16 the scaled down projections round once more; the rewrite's check against the
+    dense model (its dtype's tolerance) still passes, or it would raise RewriteError."""
+    from test_hf_formats import dense
+
+    model = dense("llama").to(dtype)
+    result = upcycle_fx.upcycle(model, UpcycleConfig(pattern="all", num_experts=6, top_k=3, granularity=4,
+                                                     num_shared_experts=1, shared_expert_gate=True, seed=0))
+    assert result.verified_error is not None and result.verified_error <= {torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_dispatch_paths_of_a_granular_shared_layer_equal_the_loop(dtype):
+    """On CUDA (grouped_mm in bf16, the decode kernel for small batches) the granular layer with
+    shared experts equals the loop oracle."""
+    from upcycle_fx.moe.shared import SharedExperts
+    from upcycle_fx.moe.segments import expert_layout as layout_of
+
+    ffn = _ffn(d=64, f=128)
+    layout = layout_of(128, 6, 4, 1, True)
+    moe = _granular_moe(ffn, 6, 4, MoESettings(top_k=3, granularity=4, num_shared_experts=1, shared_expert_gate=True))
+    moe.experts = Experts.from_units(ffn, layout.routed_units, down_scale=layout.routed_scale,
+                                     activation=torch.nn.SiLU(), activation_name="silu")
+    moe.router = Router(64, 6, init_std=1.0, generator=torch.Generator().manual_seed(0))
+    tie_router_groups(moe.router.weight, layout.group_size)
+    moe.shared = SharedExperts.build(ffn, layout.shared_units, 1, scale=layout.shared_scale, gated=True,
+                                     activation=torch.nn.SiLU(), activation_name="silu", hidden_dropout=0.0)
+    moe = moe.to("cuda", dtype).eval()
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for tokens in (3, 300):
+        x = torch.randn(tokens, 64, device="cuda", dtype=dtype)
+        outs = {}
+        for impl in ("auto", "grouped", "loop"):
+            moe.dispatch_impl = impl
+            with torch.no_grad():
+                outs[impl] = moe(x).float()
+        for impl in ("auto", "grouped"):
+            assert upcycle_fx.report.relative_error(outs[impl], outs["loop"]) <= tolerance
+        with torch.no_grad():
+            dense_out = _dense_out(ffn.__class__(*(t.to("cuda", dtype) if torch.is_tensor(t) else t for t in
+                                                   (ffn.up, ffn.up_bias, ffn.down, ffn.down_bias, ffn.gated))), x)
+        assert upcycle_fx.report.relative_error(outs["loop"], dense_out.float()) <= tolerance
