@@ -1,4 +1,4 @@
-"""`Experts`: E copies of one FFN, stored as stacked [E, ...] weights in the nn.Linear layout."""
+"""`Experts`: E copies (or segments) of one FFN, stored as stacked [E, ...] weights in the nn.Linear layout."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ class Experts(nn.Module):
                     bias.zero_()
 
     def ffn_numel(self) -> int:
-        """Parameters of one expert (= of the dense FFN it was copied from)."""
+        """Parameters of one expert (= of the dense FFN it was copied from, or of its segment)."""
         return sum(p.numel() for p in self._stacked()) // self.num_experts
 
     def _stacked(self) -> list[torch.Tensor]:

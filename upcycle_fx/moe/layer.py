@@ -150,5 +150,6 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.settings
+        layout = f", granularity={s.granularity}" if s.granularity != 1 else ""
         return (f"routing={s.routing}, top_k={s.top_k}, capacity_factor={s.capacity_factor}, "
-                f"normalize_weights={s.normalize_weights}, source={self.source!r}")
+                f"normalize_weights={s.normalize_weights}{layout}, source={self.source!r}")
