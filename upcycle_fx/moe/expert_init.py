@@ -14,7 +14,8 @@ dense FFN, the config and the random generator. A new method is one function and
   their columns of the down projection are drawn from a normal with the mean and std of the
   original matrix, their up-bias entries likewise from the bias's. `drop_ratio=0` gives copies.
 
-Only `copy` (and `drop` with ratio 0) keeps the dense function at conversion.
+Only `copy` (and `drop` with ratio 0) keeps the dense function at conversion. The methods (and
+`expert_noise_std`) apply to the routed experts; shared experts stay as built from the FFN.
 """
 
 from __future__ import annotations
