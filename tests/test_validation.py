@@ -34,6 +34,10 @@ BAD_VALUES = {
     "seed": ["abc", -1, 1.5, True, 2**64, math.nan],
     "leaf_modules": ["Linear", nn.Linear, [3], [object], 5, None, [nn.Linear(2, 2)]],
     "verify": ["yes", 1, None],
+    "drop_ratio": [math.nan, -0.1, 1.5, "0.5", True, 0.5],   # 0.5: only with expert_init="drop"
+    "granularity": [0, -1, 2.0, "2", True, None, 3],          # 3: 8 experts are not 3 segments' copies
+    "num_shared_experts": [-1, 1.0, "1", True, None, 4097],
+    "shared_expert_gate": [1, "yes", None, True],             # True: no shared expert to gate
 }
 CASES = [(name, value) for name, values in BAD_VALUES.items() for value in values]
 

@@ -24,6 +24,7 @@ from .passes import MLPList, MLPMatch, select_mlps, upcycle_matches
 from .passes.already_moe import refuse_moe_models
 from .passes.decisions import decide, nothing_found_message
 from .passes.stack_routing import check_routing
+from .passes.upcycle import check_layouts
 from .passes.verify import preserves_function, run_upcycled, verify_upcycled
 from .passes import find_mlps as _find_mlps
 from .report import count_parameters
@@ -103,6 +104,7 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_in
         raise NoMLPFoundError(nothing_found_message(model, mlps))
     chosen = select_mlps(mlps, config.pattern)
     check_routing(model, mlps, chosen, config)
+    check_layouts(chosen, config)
     _check_memory(model, chosen, config, inplace)
     params_before = count_parameters(model)
     inputs, unverified, preserves = None, None, preserves_function(config)
@@ -137,17 +139,20 @@ def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_e
             normalize_weights: bool = True, router_init_std: float = 0.02,
             expert_noise_std: float = 0.0, expert_init: str = "copy", aux_loss_weight: float = 0.01,
             z_loss_weight: float = 0.0, example_inputs: Any = None, inplace: bool = False,
-            seed: int | None = None, leaf_modules=(), verify: bool = True) -> nn.Module:
+            seed: int | None = None, leaf_modules=(), verify: bool = True, drop_ratio: float | None = None,
+            granularity: int = 1, num_shared_experts: int = 0, shared_expert_gate: bool = False) -> nn.Module:
     """Turn the selected FFNs of `model` into `upcycle_fx.MoE` layers (see DESIGN §3).
 
     With `normalize_weights=True` (default) and no noise, the result computes exactly what
-    `model` computes. The input is left untouched unless `inplace=True`.
+    `model` computes. The input is left untouched unless `inplace=True`. Fine-grained and
+    shared experts, Drop-Upcycling: see `UpcycleConfig`.
     """
     _check_model(model, "rewrite")
     config = UpcycleConfig(pattern=pattern, num_experts=num_experts, top_k=top_k, routing=routing,
                            capacity_factor=capacity_factor, normalize_weights=normalize_weights,
                            router_init_std=router_init_std, expert_noise_std=expert_noise_std,
-                           expert_init=expert_init,
+                           expert_init=expert_init, drop_ratio=drop_ratio, granularity=granularity,
+                           num_shared_experts=num_shared_experts, shared_expert_gate=shared_expert_gate,
                            aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight, seed=seed)
     return upcycle(model, config, example_inputs=example_inputs, inplace=inplace,
                    leaf_modules=leaf_modules, verify=verify).model
@@ -178,7 +183,8 @@ def _check_memory(model: nn.Module, chosen: list[MLPMatch], config: UpcycleConfi
     if weight is None or weight.device.type == "meta":
         return
     itemsize = weight.element_size()
-    needed = sum((config.num_experts - 1) * m.num_parameters + config.num_experts * m.d_model
+    copies = (config.num_experts + config.num_shared_experts) / config.granularity  # FFNs' worth
+    needed = sum((copies - 1) * m.num_parameters + config.num_experts * m.d_model
                  for m in chosen) * itemsize
     if not inplace:
         needed += count_parameters(model) * itemsize

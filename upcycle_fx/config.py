@@ -16,7 +16,6 @@ from typing import Callable, Mapping, Sequence, Union
 from .errors import UpcycleConfigError
 
 ROUTINGS = ("top_k", "expert_choice")
-EXPERT_INITS = ("copy", "random")
 NAMED_PATTERNS = ("every_other_mlp", "all")
 MAX_EXPERTS = 4096  # far above any published MoE (DeepSeek-V3: 256); beyond it is a typo
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -35,7 +34,17 @@ class UpcycleConfig:
     copies (no noise) the upcycled model then computes exactly the dense function. False keeps
     softmax-then-top-k weights (NVIDIA's recipe), which scales each FFN output by the routed mass.
     `expert_init="random"` re-initialises every expert instead of copying the FFN (the paper's
-    ablation: each weight matrix drawn N(0, σ²) with σ the dense matrix's own std, biases zero).
+    ablation: each weight matrix drawn N(0, σ²) with σ the dense matrix's own std, biases zero);
+    `"drop"` is Drop-Upcycling: each expert re-draws its own random `drop_ratio` share of hidden
+    units (default 0.5). The names are those of `upcycle_fx.moe.expert_init` (a registry).
+
+    Fine-grained experts: `granularity=G` splits each FFN into G segments of d_ff/G hidden units;
+    `num_experts` and `top_k` count the layer's own (fine) experts, as Megatron-Core's
+    `--num-experts` / `--moe-router-topk` with `--moe-upcycling-granularity` do: E copies of each
+    segment are `num_experts=E·G`, and the same active compute as top-k of whole copies is
+    `top_k=k·G`. `num_shared_experts` always-active experts of that width sit beside the routed
+    ones (DeepSeekMoE, Qwen2-MoE); `shared_expert_gate` multiplies them by a sigmoid gate as
+    Qwen2-MoE does. How the function is kept: `upcycle_fx.moe.segments`.
     `routing` may differ per stack or FFN: {"encoder": "expert_choice", "decoder": "top_k"} (the
     paper's setting), FFN indices as keys, or a callable on an MLPMatch (see passes/stack_routing.py).
     """
@@ -49,6 +58,10 @@ class UpcycleConfig:
     router_init_std: float = 0.02
     expert_noise_std: float = 0.0
     expert_init: str = "copy"
+    drop_ratio: float | None = None
+    granularity: int = 1
+    num_shared_experts: int = 0
+    shared_expert_gate: bool = False
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     seed: int | None = None
@@ -63,7 +76,7 @@ class UpcycleConfig:
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}: each token can only "
                 f"pick among {self.num_experts} experts; lower top_k or raise num_experts."
             )
-        _check_choice("expert_init", self.expert_init, EXPERT_INITS, "'copy' is sparse upcycling")
+        _check_experts(self)
         if self.capacity_factor is not None:
             check_number("capacity_factor", self.capacity_factor,
                          hint="None for dropless top-k routing; 1.25 to 2.0 are the usual values")
@@ -81,6 +94,43 @@ class UpcycleConfig:
             check_int("seed", self.seed, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1],
                       hint="or None to draw from torch's global generator")
         _check_pattern(self.pattern)
+
+
+def _check_experts(config: UpcycleConfig) -> None:
+    """Expert initialisation, fine-grained and shared experts (the parts the model cannot tell)."""
+    from .moe.expert_init import DEFAULT_DROP_RATIO, expert_init_names
+    from .moe.segments import routed_group_size
+
+    _check_choice("expert_init", config.expert_init, expert_init_names(), "'copy' is sparse upcycling")
+    if config.drop_ratio is not None:
+        check_number("drop_ratio", config.drop_ratio,
+                     hint=f"the share of each expert's hidden units Drop-Upcycling re-draws, {DEFAULT_DROP_RATIO} in the paper")
+        if config.expert_init != "drop":
+            raise UpcycleConfigError(f"drop_ratio={config.drop_ratio!r} only applies to expert_init='drop' "
+                                     f"(got expert_init={config.expert_init!r}); drop it or set expert_init='drop'.")
+        if not 0.0 <= config.drop_ratio <= 1.0:
+            raise UpcycleConfigError(f"drop_ratio={config.drop_ratio!r} must be in [0, 1]: the share of each "
+                                     f"expert's hidden units re-drawn ({DEFAULT_DROP_RATIO} in the paper, 0 = copies).")
+    check_int("granularity", config.granularity, minimum=1, maximum=MAX_EXPERTS,
+              hint="the number of segments each FFN's hidden units are split into, 1 = whole copies")
+    check_int("num_shared_experts", config.num_shared_experts, minimum=0, maximum=MAX_EXPERTS,
+              hint="always-active experts beside the routed ones, 0 for none")
+    check_bool("shared_expert_gate", config.shared_expert_gate)
+    if config.shared_expert_gate and not config.num_shared_experts:
+        raise UpcycleConfigError("shared_expert_gate=True needs num_shared_experts >= 1: there is no "
+                                 "shared expert to gate.")
+    g, n = config.granularity, config.num_shared_experts
+    if g > 1 and n >= g:
+        raise UpcycleConfigError(
+            f"num_shared_experts={n} with granularity={g}: shared experts are segments of the FFN, so at "
+            f"most {g - 1} of its {g} segments can be shared (the rest feed the routed experts); use "
+            "fewer shared experts, a larger granularity, or granularity=1 (shared experts are copies).")
+    group = routed_group_size(g, n)
+    if config.num_experts % group:
+        raise UpcycleConfigError(
+            f"num_experts={config.num_experts} is not a multiple of {group}, the routed segments per FFN "
+            f"(granularity={g}" + (f" minus {n} shared" if n and g > 1 else "") + "): each routed "
+            f"segment needs the same number of copies; use num_experts={group * max(1, config.num_experts // group)}.")
 
 
 def check_int(name: str, value: object, *, minimum: int, maximum: int | None = None,

@@ -52,6 +52,8 @@ def upcycle_config(args) -> UpcycleConfig:
                          top_k=args.top_k, routing=args.routing, capacity_factor=args.capacity_factor,
                          normalize_weights=args.normalize_weights, router_init_std=args.router_init_std,
                          expert_noise_std=args.expert_noise_std, expert_init=args.expert_init,
+                         drop_ratio=args.drop_ratio, granularity=args.granularity,
+                         num_shared_experts=args.num_shared_experts, shared_expert_gate=args.shared_expert_gate,
                          aux_loss_weight=args.aux_loss_weight, z_loss_weight=args.z_loss_weight,
                          seed=args.seed)
 

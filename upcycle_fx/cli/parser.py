@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from ..config import EXPERT_INITS, ROUTINGS, UpcycleConfig
+from ..config import ROUTINGS, UpcycleConfig
+from ..moe.expert_init import DEFAULT_DROP_RATIO, expert_init_names
 from .display import console
 from .recipe import recipe_defaults
 
@@ -156,8 +157,25 @@ def _add_upcycle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-noise-std", type=float, metavar="X", default=DEFAULTS.expert_noise_std,
                         help="relative std of noise added to each expert copy (breaks symmetry; not "
                              "function-preserving)")
-    parser.add_argument("--expert-init", choices=EXPERT_INITS, default=DEFAULTS.expert_init,
-                        help="copy: sparse upcycling; random: re-initialise every expert (ablation)")
+    parser.add_argument("--expert-init", choices=expert_init_names(), default=DEFAULTS.expert_init,
+                        help="copy: sparse upcycling; random: re-initialise every expert (ablation); "
+                             "drop: Drop-Upcycling, each expert re-draws a share of its hidden units "
+                             "(not function-preserving)")
+    parser.add_argument("--drop-ratio", type=float, metavar="R", default=DEFAULTS.drop_ratio,
+                        help=f"with --expert-init drop: the share of hidden units each expert re-draws "
+                             f"(default: {DEFAULT_DROP_RATIO})")
+    parser.add_argument("--granularity", type=int, metavar="G", default=DEFAULTS.granularity,
+                        help="fine-grained experts: split each FFN into G segments; --experts and --top-k "
+                             "count these d_ff/G-wide experts (function-preserving when --top-k is a "
+                             "multiple of G, or of G minus the shared experts)")
+    parser.add_argument("--shared-experts", dest="num_shared_experts", type=int, metavar="N",
+                        default=DEFAULTS.num_shared_experts,
+                        help="always-active experts beside the routed ones (segments of the FFN, or copies "
+                             "with --granularity 1)")
+    parser.add_argument("--shared-expert-gate", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS.shared_expert_gate,
+                        help="multiply the shared experts by a sigmoid gate, as Qwen2-MoE does (needed for "
+                             "--format hf)")
     parser.add_argument("--aux-loss-weight", type=float, metavar="X", default=DEFAULTS.aux_loss_weight,
                         help="weight of the load-balancing loss recorded for training")
     parser.add_argument("--z-loss-weight", type=float, metavar="X", default=DEFAULTS.z_loss_weight,

@@ -11,12 +11,17 @@ from . import losses
 from .dispatch import dispatch
 from .experts import Experts
 from .router import Router
+from .shared import SharedExperts
 from .routing import EXPERT_CHOICE_CAPACITY, Routing, expert_choice_routing, top_k_routing
 
 
 @dataclass(frozen=True)
 class MoESettings:
-    """Per-layer routing settings (a subset of `UpcycleConfig`, same field names)."""
+    """Per-layer routing settings (a subset of `UpcycleConfig`, same field names).
+
+    `granularity`, `num_shared_experts` and `shared_expert_gate` describe how the layer was made
+    from its FFN (`segments.py`); they are kept here so that a saved model is rebuilt the same.
+    """
 
     top_k: int = 2
     routing: str = "top_k"
@@ -24,6 +29,9 @@ class MoESettings:
     normalize_weights: bool = True
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
+    granularity: int = 1
+    num_shared_experts: int = 0
+    shared_expert_gate: bool = False
 
     @property
     def capacity(self) -> float | None:
@@ -75,15 +83,19 @@ class MoE(nn.Module):
     (what the dispatch core runs the assignments through: this layer's `experts`, or an adapter
     that sends rows to the ranks holding their experts by all-to-all) and `.stats` (a
     `RouterStats` summing over the data-parallel ranks).
+
+    `shared` (or None): always-active experts added to every token's output (`SharedExperts`).
     """
 
     parallel = None
 
     def __init__(self, router: Router, experts: Experts, settings: MoESettings, *,
-                 dispatch_impl: str = "auto", source: str = "", mlp_index: int = 0) -> None:
+                 dispatch_impl: str = "auto", source: str = "", mlp_index: int = 0,
+                 shared: SharedExperts | None = None) -> None:
         super().__init__()
         self.router = router
         self.experts = experts
+        self.shared = shared
         self.settings = settings
         self.dispatch_impl = dispatch_impl
         self.source = source        # where the dense FFN came from, for reports
@@ -109,6 +121,8 @@ class MoE(nn.Module):
         routing = self.route(logits)
         experts = self.experts if self.parallel is None else self.parallel.experts(self)
         out = dispatch(tokens, routing, experts, self.dispatch_impl)
+        if self.shared is not None:
+            out = out + self.shared(tokens)
         self._record(logits, routing)
         return out.reshape(x.shape)
 
@@ -136,5 +150,6 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.settings
+        layout = f", granularity={s.granularity}" if s.granularity != 1 else ""
         return (f"routing={s.routing}, top_k={s.top_k}, capacity_factor={s.capacity_factor}, "
-                f"normalize_weights={s.normalize_weights}, source={self.source!r}")
+                f"normalize_weights={s.normalize_weights}{layout}, source={self.source!r}")

@@ -44,12 +44,16 @@ def preserves_function(config: UpcycleConfig) -> bool:
     """Whether the configuration computes the dense function at conversion. A routing mapping
     preserves it when every layer it names is top-k (unnamed layers are top-k); a callable's
     choices are not known before the rewrite, so it is not counted as preserving."""
+    from ..moe.expert_init import expert_init
+    from ..moe.segments import routed_group_size
+
     routing = config.routing
     top_k_everywhere = (routing == "top_k" if isinstance(routing, str)
                         else isinstance(routing, Mapping) and all(v == "top_k" for v in routing.values()))
+    whole_groups = config.top_k % routed_group_size(config.granularity, config.num_shared_experts) == 0
     return (top_k_everywhere and config.normalize_weights
             and config.expert_noise_std == 0 and config.capacity_factor is None
-            and config.expert_init == "copy")
+            and expert_init(config.expert_init).preserves_function(config) and whole_groups)
 
 
 def tolerance_for(dtype: torch.dtype) -> float:
