@@ -8,6 +8,8 @@ from .config import UpcycleConfig
 from .errors import (AlreadyMoEError, CaptureError, NoMLPFoundError, NoMLPSelectedError,
                      RewriteError, UpcycleConfigError, UpcycleError)
 from .moe import MoE
+from .moe.balancing import after_optimizer_step, register_balancer
+from .moe.scoring import register_scorer
 from .passes import FoldedIntoMoE, MLPMatch
 from .patterns import register_activation
 from .exporters.checkpoint import load, save
@@ -32,7 +34,7 @@ __all__ = [
     "set_aux_loss_in_output", "aux_loss_in_output", "MoECallback",
     "CheckpointDtypeError", "CheckpointWriteError", "InterruptedReplaceError", "LeftoverOutputWarning",
     "ManifestError", "NotACheckpointError", "OutputOverlapsInputError", "ShardSizeError",
-    "TerminatedDuringWriteError",
+    "TerminatedDuringWriteError", "after_optimizer_step", "register_scorer", "register_balancer",
 ]
 
 register_with_transformers()  # from_pretrained of saved upcycled models; transformers stays unimported

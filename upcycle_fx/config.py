@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 from .errors import UpcycleConfigError
+from .moe.options import check_routing_options
 
 ROUTINGS = ("top_k", "expert_choice")
 EXPERT_INITS = ("copy", "random")
@@ -33,6 +34,14 @@ class UpcycleConfig:
     softmax-then-top-k weights (NVIDIA's recipe), which scales each FFN output by the routed mass.
     `expert_init="random"` re-initialises every expert instead of copying the FFN (the paper's
     ablation: each weight matrix drawn N(0, σ²) with σ the dense matrix's own std, biases zero).
+
+    Routing options (`upcycle_fx.moe.options`): `scoring` names a registered scorer ("softmax";
+    "sigmoid" as DeepSeek-V3); `balancing="bias"` balances by a per-expert selection bias moved
+    by `bias_update_speed` after each optimizer step (the Switch loss is still added while
+    `aux_loss_weight > 0`); `balance_scope="global_batch"` counts the loss's expert loads over all
+    micro-batches and ranks of an optimizer step; `routed_scaling_factor` multiplies the combine
+    weights; `weight_scaling=True` (with `normalize_weights=False`) multiplies them by E/k
+    (softmax) or 2/k (sigmoid), 2410.07524's scaling to the dense function's scale.
     """
 
     pattern: PatternSpec = "every_other_mlp"
@@ -46,6 +55,12 @@ class UpcycleConfig:
     expert_init: str = "copy"
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
+    scoring: str = "softmax"
+    balancing: str = "loss"
+    bias_update_speed: float = 0.001
+    balance_scope: str = "micro_batch"
+    routed_scaling_factor: float = 1.0
+    weight_scaling: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -73,6 +88,7 @@ class UpcycleConfig:
             check_number(name, getattr(self, name), hint="a real number >= 0")
             if getattr(self, name) < 0:
                 raise UpcycleConfigError(f"{name}={getattr(self, name)!r} must be a number >= 0.")
+        check_routing_options(self)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1],
                       hint="or None to draw from torch's global generator")

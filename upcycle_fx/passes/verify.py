@@ -32,6 +32,7 @@ from ..capture.inputs import ModelInputs
 from ..capture.snapshot import left_as_found
 from ..config import UpcycleConfig
 from ..errors import RewriteError
+from ..moe.options import routing_preserves_function
 from ..report import moe_layers, relative_error
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -40,7 +41,7 @@ MAX_BISECT = 64  # FFNs converted one at a time to name the faulty ones
 
 
 def preserves_function(config: UpcycleConfig) -> bool:
-    return (config.routing == "top_k" and config.normalize_weights
+    return (config.routing == "top_k" and routing_preserves_function(config)
             and config.expert_noise_std == 0 and config.capacity_factor is None
             and config.expert_init == "copy")
 
