@@ -53,7 +53,10 @@ def upcycle_config(args) -> UpcycleConfig:
                          normalize_weights=args.normalize_weights, router_init_std=args.router_init_std,
                          expert_noise_std=args.expert_noise_std, expert_init=args.expert_init,
                          aux_loss_weight=args.aux_loss_weight, z_loss_weight=args.z_loss_weight,
-                         seed=args.seed)
+                         scoring=args.scoring, balancing=args.balancing,
+                         bias_update_speed=args.bias_update_speed, balance_scope=args.balance_scope,
+                         routed_scaling_factor=args.routed_scaling_factor,
+                         weight_scaling=args.weight_scaling, seed=args.seed)
 
 
 def output_dtype(name: str) -> torch.dtype | None:

@@ -12,6 +12,13 @@ that come after it in the callback list):
     moe/<layer>/drop_rate         assignments dropped by the capacity limit / all assignments
     moe/<layer>/load_imbalance    max expert load / mean expert load (1.0 is balanced)
     moe/<layer>/load/<e>          fraction of the layer's kept assignments expert e took
+    moe/<layer>/global_balance_loss  balance_scope="global_batch": E·Σ f_e·P_e over the whole
+                                  batch of the last optimizer step (all micro-batches, all ranks)
+    moe/<layer>/bias_spread       balancing="bias": max − min of the experts' selection biases
+
+At the end of each optimizer step it also calls `upcycle_fx.after_optimizer_step(model)` (bias
+updates, a new global batch); the optimizer step hook of `upcycle_fx.moe.balancing` has then
+usually done it already, and a second call does nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections import defaultdict
 import torch
 from transformers import TrainerCallback
 
+from ..moe.balancing import after_optimizer_step
 from ..report import moe_layers
 
 
@@ -40,6 +48,8 @@ class MoETrainerCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._collect(model)
+        if model is not None:
+            after_optimizer_step(model)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or not self._count:
@@ -70,10 +80,18 @@ def _layer_metrics(moe, per_expert: bool) -> dict[str, float]:
     dropped = zero if moe.last_dropped is None else moe.last_dropped.detach().float()
     aux = zero if moe.last_aux_loss is None else moe.last_aux_loss.detach().float()
     kept = load.sum()
+    extras = {}  # balancing statistics, when the layer has them
+    if moe.step_totals.last_step_balance_loss is not None:
+        extras["global_balance_loss"] = moe.step_totals.last_step_balance_loss
+    bias = moe._buffers.get("expert_bias")
+    if bias is not None:
+        extras["bias_spread"] = bias.max() - bias.min()
     summary = torch.stack([dropped / (kept + dropped).clamp_min(1.0),
-                           load.max() / load.mean().clamp_min(torch.finfo(load.dtype).tiny), aux])
+                           load.max() / load.mean().clamp_min(torch.finfo(load.dtype).tiny), aux,
+                           *(value.float().to(load.device) for value in extras.values())])
     values = torch.cat([summary, load / kept.clamp_min(1.0)]).tolist()  # one device sync
-    metrics = dict(zip(("drop_rate", "load_imbalance", "aux_loss"), values[:3]))
+    head = 3 + len(extras)
+    metrics = dict(zip(("drop_rate", "load_imbalance", "aux_loss", *extras), values[:head]))
     if per_expert:
-        metrics.update({f"load/{e}": f for e, f in enumerate(values[3:])})
+        metrics.update({f"load/{e}": f for e, f in enumerate(values[head:])})
     return metrics

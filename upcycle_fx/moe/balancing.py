@@ -94,6 +94,7 @@ class StepTotals:
     def __init__(self) -> None:
         self.balance: torch.Tensor | None = None
         self.loads: torch.Tensor | None = None
+        self.last_step_balance_loss: torch.Tensor | None = None  # of the last finished step
 
     def add_balance(self, totals: torch.Tensor) -> torch.Tensor:
         """Add this forward's totals; returns the step's totals so far."""
@@ -118,6 +119,8 @@ def end_step(moe: nn.Module) -> None:
     """The optimizer step of `moe`'s parameters is done: apply the balancer's update to the
     loads routed since the last one, then start a new step."""
     totals = moe.step_totals
+    if totals.balance is not None:
+        totals.last_step_balance_loss = totals.global_balance_loss()
     loads, totals.loads, totals.balance = totals.loads, None, None
     balancer = get_balancer(moe.settings.balancing)
     if balancer.step is not None and loads is not None:

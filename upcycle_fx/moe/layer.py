@@ -138,7 +138,8 @@ class MoE(nn.Module):
             self._buffers.pop("expert_bias", None)
         elif bias is None or bias.shape != (self.num_experts,):
             device = self.router.weight.device
-            self.register_buffer("expert_bias", torch.zeros(self.num_experts, device=device))
+            self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32,
+                                                            device=device))
 
     def _apply(self, fn, recurse=True):
         """`model.to(dtype)` leaves `expert_bias` in float32 (moved, not rounded): its updates

@@ -14,6 +14,7 @@ from torch import nn
 
 from ...moe import MoE
 from ...moe.activations import QUICK_GELU_ALPHA, probe
+from ...moe.options import softmax_top_k_problem
 from ...report import moe_layers
 from .errors import OnnxExportError
 from .fused import GELU, RELU, SILU, SWIGLU, FusedForm
@@ -61,6 +62,9 @@ def fused_form(moe: MoE, target: Target) -> FusedForm | str:
     settings, experts = moe.settings, moe.experts
     if settings.routing != "top_k":
         return f"{settings.routing} routing: the fused op routes tokens to their top-k experts only"
+    routing_problem = softmax_top_k_problem(settings)
+    if routing_problem:
+        return routing_problem.replace("the target", "the fused op")
     if settings.capacity_factor is not None and settings.capacity_factor * settings.top_k < moe.num_experts:
         return (f"capacity_factor={settings.capacity_factor:g} can drop assignments "
                 "(the fused op is dropless)")
