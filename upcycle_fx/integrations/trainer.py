@@ -42,6 +42,8 @@ class MoETrainerCallback(TrainerCallback):
         self.per_expert = per_expert
         self._sums: dict[str, float] = defaultdict(float)
         self._count = 0
+        self._step_sums: dict[str, float] = defaultdict(float)  # once per optimizer step
+        self._steps = 0
 
     def on_substep_end(self, args, state, control, model=None, **kwargs):
         self._collect(model)
@@ -50,13 +52,16 @@ class MoETrainerCallback(TrainerCallback):
         self._collect(model)
         if model is not None:
             after_optimizer_step(model)
+            self._collect_step(model)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or not self._count:
             return
         metrics = {name: total / self._count for name, total in self._sums.items()}
+        metrics.update({name: total / self._steps for name, total in self._step_sums.items()})
         self._sums.clear()
-        self._count = 0
+        self._step_sums.clear()
+        self._count = self._steps = 0
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
@@ -72,6 +77,15 @@ class MoETrainerCallback(TrainerCallback):
             self._sums["moe/aux_loss"] += metrics.get("aux_loss", 0.0)
         self._count += 1
 
+    def _collect_step(self, model) -> None:
+        """The balancing statistics of the optimizer step that just ended."""
+        found = [(name, _step_metrics(moe)) for name, moe in moe_layers(model)]
+        for name, metrics in found:
+            for key, value in metrics.items():
+                self._step_sums[f"moe/{name}/{key}"] += value
+        if any(metrics for _, metrics in found):
+            self._steps += 1
+
 
 def _layer_metrics(moe, per_expert: bool) -> dict[str, float]:
     """One layer's statistics of its last forward, as plain floats."""
@@ -80,18 +94,23 @@ def _layer_metrics(moe, per_expert: bool) -> dict[str, float]:
     dropped = zero if moe.last_dropped is None else moe.last_dropped.detach().float()
     aux = zero if moe.last_aux_loss is None else moe.last_aux_loss.detach().float()
     kept = load.sum()
-    extras = {}  # balancing statistics, when the layer has them
+    summary = torch.stack([dropped / (kept + dropped).clamp_min(1.0),
+                           load.max() / load.mean().clamp_min(torch.finfo(load.dtype).tiny), aux])
+    values = torch.cat([summary, load / kept.clamp_min(1.0)]).tolist()  # one device sync
+    metrics = dict(zip(("drop_rate", "load_imbalance", "aux_loss"), values[:3]))
+    if per_expert:
+        metrics.update({f"load/{e}": f for e, f in enumerate(values[3:])})
+    return metrics
+
+
+def _step_metrics(moe) -> dict[str, float]:
+    """A layer's balancing statistics at the end of an optimizer step (where it has them)."""
+    values = {}
     if moe.step_totals.last_step_balance_loss is not None:
-        extras["global_balance_loss"] = moe.step_totals.last_step_balance_loss
+        values["global_balance_loss"] = moe.step_totals.last_step_balance_loss.float()
     bias = moe._buffers.get("expert_bias")
     if bias is not None:
-        extras["bias_spread"] = bias.max() - bias.min()
-    summary = torch.stack([dropped / (kept + dropped).clamp_min(1.0),
-                           load.max() / load.mean().clamp_min(torch.finfo(load.dtype).tiny), aux,
-                           *(value.float().to(load.device) for value in extras.values())])
-    values = torch.cat([summary, load / kept.clamp_min(1.0)]).tolist()  # one device sync
-    head = 3 + len(extras)
-    metrics = dict(zip(("drop_rate", "load_imbalance", "aux_loss", *extras), values[:head]))
-    if per_expert:
-        metrics.update({f"load/{e}": f for e, f in enumerate(values[head:])})
-    return metrics
+        values["bias_spread"] = (bias.max() - bias.min()).float()
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack(list(values.values())).tolist()))  # one device sync
