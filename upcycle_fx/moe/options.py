@@ -47,9 +47,12 @@ def check_routing_options(config) -> None:
                 f"balancing={config.balancing!r} biases which experts a token chooses, but "
                 "expert_choice routing lets experts choose tokens (balanced by construction); "
                 "use routing='top_k' or balancing='loss'.")
-    elif (isinstance(config.bias_update_speed, bool)
-          or not isinstance(config.bias_update_speed, numbers.Real)):
-        raise UpcycleConfigError(f"bias_update_speed={config.bias_update_speed!r} must be a number.")
+    else:
+        speed = config.bias_update_speed
+        if (isinstance(speed, bool) or not isinstance(speed, numbers.Real) or not math.isfinite(speed)
+                or speed < 0):
+            raise UpcycleConfigError(f"bias_update_speed={speed!r} must be a finite number >= 0 "
+                                     "(it moves the selection bias of balancing='bias').")
     if config.balance_scope == "global_batch" and expert_choice:
         raise UpcycleConfigError(
             "balance_scope='global_batch' applies to the load-balancing loss of top-k routing; "
