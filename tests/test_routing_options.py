@@ -297,3 +297,25 @@ def test_rewrite_refuses_before_touching_the_model():
     with pytest.raises(UpcycleConfigError, match="bias_update_speed"):
         upcycle_fx.rewrite(model, balancing="bias", bias_update_speed=-1.0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_rewrites_a_directory_with_the_routing_options(tmp_path):
+    """`upcycle-fx rewrite DIR --scoring sigmoid --balancing bias ...` as a subprocess: the
+    checkpoint loads with from_pretrained with those settings; a bad combination exits 2."""
+    from cli_models import llama_dir, run_cli
+
+    model = llama_dir(tmp_path / "dense")
+    result = run_cli("rewrite", model, "--out", tmp_path / "out", "--scoring", "sigmoid",
+                     "--balancing", "bias", "--bias-update-speed", "0.01", "--balance-scope", "global_batch")
+    assert result.returncode == 0, result.stderr
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    settings = upcycle_fx.moe_layers(loaded)[0][1].settings
+    assert (settings.scoring, settings.balancing, settings.bias_update_speed, settings.balance_scope) == (
+        "sigmoid", "bias", 0.01, "global_batch")
+    refused = run_cli("rewrite", model, "--out", tmp_path / "bad", "--weight-scaling")
+    assert refused.returncode == 2
+    message = refused.stdout + refused.stderr
+    assert "weight_scaling=True" in message and "Traceback" not in message
