@@ -241,13 +241,21 @@ def test_from_pretrained_rebuilds_the_options_and_loads_the_bias(tmp_path, dtype
     _assert_same_routing_model(loaded, model)
 
 
-@pytest.mark.parametrize("options", [dict(scoring="sigmoid", balancing="bias"),
-                                     dict(normalize_weights=False, weight_scaling=True),
-                                     dict(scoring="sigmoid", routed_scaling_factor=2.5)],
-                         ids=["sigmoid-bias", "scaled", "routed-scaling"])
-def test_onnx_export_is_portable_with_the_reason_and_matches(tmp_path, options):
-    """The fused node applies softmax and no bias or scaling: these layers take the portable
-    lowering, whose onnxruntime output matches PyTorch (1e-4)."""
+ONNX_CASES = {  # options -> the reason the layer is portable (None: the fused node expresses it)
+    "sigmoid-bias": (dict(scoring="sigmoid", balancing="bias"), "no per-expert selection bias"),
+    "scaled": (dict(normalize_weights=False, weight_scaling=True), "does not scale"),
+    "routed-scaling": (dict(scoring="sigmoid", routed_scaling_factor=2.5), "does not scale"),
+    "sigmoid-unnormalised": (dict(scoring="sigmoid", normalize_weights=False), "normalises the scores"),
+    "sigmoid-normalised": (dict(scoring="sigmoid"), None),
+    "sigmoid-normalised-top1": (dict(scoring="sigmoid", top_k=1), None),
+}
+
+
+@pytest.mark.parametrize("options,reason", ONNX_CASES.values(), ids=ONNX_CASES)
+def test_onnx_export_lowers_each_option_and_matches(tmp_path, options, reason):
+    """The fused node routes by softmax(input) then top-k: fed logsigmoid(logits) it computes
+    sigmoid scores with renormalised weights exactly; bias, scaling or unnormalised sigmoid
+    weights take the portable lowering with the reason. onnxruntime matches PyTorch (1e-4)."""
     pytest.importorskip("onnxruntime")
     from onnx_helpers import ONNX_TOLERANCE, Block, ort_run, ort_session, tokens
     from onnx_helpers import relative_error as ort_error
@@ -258,8 +266,10 @@ def test_onnx_export_is_portable_with_the_reason_and_matches(tmp_path, options):
     block = Block(moe)
     path = upcycle_fx.export_onnx(block, tmp_path / "layer.onnx", args=(tokens(2, 6),))
     layer = path.report.layers[0]
-    assert layer.lowering == "portable"
-    assert "fused op" in layer.detail
+    if reason is None:
+        assert layer.lowering == "fused", layer.detail
+    else:
+        assert layer.lowering == "portable" and reason in layer.detail, layer.detail
     session = ort_session(path)
     for batch, seq in [(3, 5), (1, 17)]:
         x = tokens(batch, seq)

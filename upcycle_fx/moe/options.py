@@ -80,6 +80,23 @@ def routing_preserves_function(config) -> bool:
     return bool(config.normalize_weights or (config.weight_scaling and config.router_init_std == 0))
 
 
+def fused_routing_problem(settings) -> str | None:
+    """What a layer's routing has that a softmax-then-top-k kernel fed with other logits cannot
+    compute (onnxruntime's fused MoE node): None when the scorer's log-scores, softmaxed, give
+    the layer's weights (any scorer with `log_scores` when weights are renormalised)."""
+    scorer = get_scorer(settings.scoring)
+    if get_balancer(settings.balancing).uses_bias:
+        return f"balancing={settings.balancing!r}: the fused op has no per-expert selection bias"
+    if settings.routed_scaling_factor != 1.0 or settings.weight_scaling:
+        return "scaled combine weights: the fused op does not scale the top-k weights"
+    if scorer.log_scores is None:
+        return f"scoring={settings.scoring!r}: the scorer has no log_scores for the fused op's softmax"
+    if not (scorer.sums_to_one or settings.normalize_weights):
+        return (f"scoring={settings.scoring!r} without normalize_weights: the fused op's softmax "
+                "normalises the scores over all experts")
+    return None
+
+
 def softmax_top_k_problem(settings) -> str | None:
     """What a routing layer's settings have that softmax-then-top-k (with or without
     renormalisation) cannot express: the stock Mixtral/Qwen formats and the fused onnxruntime
