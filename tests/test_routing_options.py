@@ -373,3 +373,21 @@ def test_stock_mixtral_format_refuses_sigmoid_scores(tmp_path):
     model = upcycle_fx.rewrite(llama(), pattern="all", num_experts=4, seed=0, scoring="sigmoid")
     with pytest.raises(upcycle_fx.HFFormatError):
         upcycle_fx.save(model, tmp_path / "hf", format="hf")
+
+
+@pytest.mark.parametrize("options", [dict(scoring="sigmoid", balancing="bias"),
+                                     dict(balance_scope="global_batch")], ids=["bias", "global-batch"])
+def test_the_layer_compiles_into_one_graph_and_still_counts_the_step(options):
+    """torch.compile(fullgraph=True) captures the training forward of a bf16 layer with per-step
+    state: two compiled calls add both batches' loads / counts, as eager calls do."""
+    torch._dynamo.reset()
+    moe = _moe(MoESettings(**options)).to(torch.bfloat16)
+    x = torch.randn(15, 16, dtype=torch.bfloat16)
+    compiled = torch.compile(moe, fullgraph=True, backend="eager")
+    compiled(x)
+    compiled(x)
+    totals = moe.step_totals
+    if options.get("balancing") == "bias":
+        assert float(totals.loads.sum()) == 2 * 15 * 2
+    else:
+        assert totals.balance[-2:].tolist() == [2 * 15 * 2, 2 * 15]

@@ -115,6 +115,12 @@ class StepTotals:
         return num_experts * torch.sum(counts / assignments * prob_sums / tokens)
 
 
+def needs_steps(settings) -> bool:
+    """Whether a layer with these settings keeps per-step state (global-batch counts or a
+    balancer's step update) in training."""
+    return settings.balance_scope == "global_batch" or get_balancer(settings.balancing).step is not None
+
+
 def end_step(moe: nn.Module) -> None:
     """The optimizer step of `moe`'s parameters is done: apply the balancer's update to the
     loads routed since the last one, then start a new step."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import balancing, losses
-from .balancing import StepTotals, get_balancer
+from .balancing import StepTotals, get_balancer, needs_steps
 from .dispatch import dispatch
 from .experts import Experts
 from .router import Router
@@ -133,6 +133,8 @@ class MoE(nn.Module):
         """Also keeps the `expert_bias` buffer in line: present ([E] float32 zeros if new or
         of another size) exactly when the balancer selects on biased scores."""
         self._settings = settings
+        if needs_steps(settings):  # here, not in forward: torch.compile cannot trace the registry
+            balancing.watch(self)
         bias = self._buffers.get("expert_bias")
         if not get_balancer(settings.balancing).uses_bias:
             self._buffers.pop("expert_bias", None)
@@ -183,6 +185,8 @@ class MoE(nn.Module):
             state["_settings"] = state.pop("settings")
         state.setdefault("step_totals", StepTotals())
         super().__setstate__(state)
+        if needs_steps(self._settings):  # copies are told of optimizer steps too
+            balancing.watch(self)
 
     def reset_stats(self) -> None:
         """Forget the last forward's losses and loads."""
@@ -191,10 +195,7 @@ class MoE(nn.Module):
     def _record(self, logits: torch.Tensor, routing: Routing) -> None:
         s = self.settings
         stats = LOCAL_STATS if self.parallel is None else self.parallel.stats
-        per_step = self.training and (s.balance_scope == "global_batch"
-                                      or get_balancer(s.balancing).step is not None)
-        if per_step:
-            balancing.watch(self)
+        per_step = self.training and needs_steps(s)
         aux = logits.new_zeros(())
         if s.aux_loss_weight and s.routing == "top_k":
             step = self.step_totals if per_step and s.balance_scope == "global_batch" else None
