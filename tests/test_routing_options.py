@@ -391,3 +391,17 @@ def test_the_layer_compiles_into_one_graph_and_still_counts_the_step(options):
         assert float(totals.loads.sum()) == 2 * 15 * 2
     else:
         assert totals.balance[-2:].tolist() == [2 * 15 * 2, 2 * 15]
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"], ids=["stored-bf16", "cast-fp16"])
+def test_streaming_conversion_writes_a_float32_bias(tmp_path, dtype):
+    """convert_checkpoint of a bf16 checkpoint (or cast to fp16) with bias balancing: the bias is
+    planned and written in float32 (before the fix: CheckpointError 'was not planned as such')."""
+    from cli_models import llama_dir
+
+    source = llama_dir(tmp_path / "dense", dtype=torch.bfloat16)
+    config = UpcycleConfig(num_experts=4, scoring="sigmoid", balancing="bias", seed=0)
+    upcycle_fx.convert_checkpoint(source, tmp_path / "out", config=config, dtype=dtype)
+    moe = upcycle_fx.moe_layers(upcycle_fx.load(tmp_path / "out"))[0][1]
+    assert moe.router.weight.dtype == (torch.float16 if dtype else torch.bfloat16)
+    assert moe.expert_bias.dtype == torch.float32 and moe.settings.scoring == "sigmoid"

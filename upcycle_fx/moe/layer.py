@@ -105,6 +105,7 @@ class MoE(nn.Module):
     """
 
     parallel = None
+    FLOAT32_TENSORS = ("expert_bias",)  # kept in float32 whatever the model's dtype (see _apply)
 
     def __init__(self, router: Router, experts: Experts, settings: MoESettings, *,
                  dispatch_impl: str = "auto", source: str = "", mlp_index: int = 0) -> None:
