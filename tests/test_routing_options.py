@@ -233,6 +233,17 @@ def test_native_save_and_load_keep_the_options_and_the_bias(tmp_path):
     _assert_same_routing_model(upcycle_fx.load(tmp_path / "ckpt"), model)
 
 
+def test_saving_in_another_dtype_keeps_the_bias_in_float32(tmp_path):
+    """save(dtype="bfloat16") casts the weights, not the bias (before the fix it was rounded to
+    bf16: 0.3 came back as 0.30078125)."""
+    model = _trained_bias_model()
+    upcycle_fx.save(model, tmp_path / "ckpt", dtype="bfloat16")
+    loaded = upcycle_fx.moe_layers(upcycle_fx.load(tmp_path / "ckpt"))[0][1]
+    assert loaded.router.weight.dtype == torch.bfloat16
+    assert loaded.expert_bias.dtype == torch.float32
+    assert torch.equal(loaded.expert_bias, upcycle_fx.moe_layers(model)[0][1].expert_bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_from_pretrained_rebuilds_the_options_and_loads_the_bias(tmp_path, dtype):
     model = _trained_bias_model().to(dtype)
