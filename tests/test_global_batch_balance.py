@@ -171,3 +171,29 @@ def test_two_ranks_with_accumulation_train_like_one_process(balance_ranks, name)
     assert run["biases"] == ref["biases"]
     if name == "fsdp_global_bias":
         assert any(b != 0 for layer in ref["biases"] for b in layer)
+
+
+def test_activation_checkpointing_gives_the_same_gradient_bias_and_statistic():
+    """A checkpointed layer runs its forward again in backward and counts its micro-batch twice;
+    every count is doubled alike, so f_e, the gradient, the bias update and the step statistic
+    are those of the run without checkpointing (compared exactly)."""
+    pytest.importorskip("transformers")
+    from test_routing_options import ids, llama
+
+    def run(checkpointing: bool):
+        model = upcycle_fx.rewrite(llama(), num_experts=4, seed=0, router_init_std=0.5,
+                                   expert_noise_std=0.1, balance_scope="global_batch", scoring="sigmoid",
+                                   balancing="bias", aux_loss_weight=1.0, verify=False).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for seed in (1, 2):
+            tokens = ids(seed=seed)
+            model(input_ids=tokens, labels=tokens).loss.backward()
+        moe = upcycle_fx.moe_layers(model)[0][1]
+        grad = moe.router.weight.grad.clone()
+        torch.optim.SGD(model.parameters(), lr=0.0).step()
+        return grad, moe.expert_bias.clone(), float(moe.step_totals.last_step_balance_loss)
+
+    plain, checkpointed = run(False), run(True)
+    assert torch.equal(plain[0], checkpointed[0]) and torch.equal(plain[1], checkpointed[1])
+    assert plain[2] == checkpointed[2]
