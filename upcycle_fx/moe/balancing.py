@@ -8,8 +8,8 @@ since the last one. Built in:
 * `loss`: the Switch load-balancing loss (weight `aux_loss_weight`) is the only balancer.
 * `bias`: auxiliary-loss-free balancing (DeepSeek-V3, arXiv 2412.19437; Wang et al., arXiv
   2408.15664): top-k is chosen on scores + bias, the combine weights come from the unbiased
-  scores, and after each optimizer step `b_e += bias_update_speed · sign(mean_load − load_e)` over the step's loads (all
-  micro-batches, all data-parallel ranks). The Switch loss is still added when
+  scores, and after each optimizer step `b_e += bias_update_speed · sign(mean_load − load_e)`
+  over the step's loads (all micro-batches, all data-parallel ranks). The Switch loss is still added when
   `aux_loss_weight > 0` (DeepSeek-V3 keeps a small complementary one); pass 0 for none.
 
 When is "the end of an optimizer step": `after_optimizer_step(model)` marks it. It runs by
