@@ -36,6 +36,12 @@ FLAGS = {
     "aux_loss_weight": (["--aux-loss-weight", "0.5"], 0.5),
     "z_loss_weight": (["--z-loss-weight", "0.001"], 0.001),
     "seed": (["--seed", "7"], 7),
+    "scoring": (["--scoring", "sigmoid"], "sigmoid"),
+    "balancing": (["--balancing", "bias"], "bias"),
+    "bias_update_speed": (["--bias-update-speed", "0.01"], 0.01),
+    "balance_scope": (["--balance-scope", "global_batch"], "global_batch"),
+    "routed_scaling_factor": (["--routed-scaling-factor", "2.5"], 2.5),
+    "weight_scaling": (["--weight-scaling", "--no-normalize"], True),
 }
 EXAMPLE_RECIPE = REPO / "examples" / "recipes" / "llama-8x2.yaml"
 

@@ -8,6 +8,8 @@ from .config import UpcycleConfig
 from .errors import (AlreadyMoEError, CaptureError, NoMLPFoundError, NoMLPSelectedError,
                      RewriteError, UpcycleConfigError, UpcycleError)
 from .moe import MoE
+from .moe.balancing import after_optimizer_step, register_balancer
+from .moe.scoring import register_scorer
 from .passes import FoldedIntoMoE, MLPMatch
 from .passes.decisions import Decision
 from .passes.stack_routing import NonCausalRoutingWarning
@@ -36,6 +38,7 @@ __all__ = [
     "CheckpointDtypeError", "CheckpointWriteError", "InterruptedReplaceError", "LeftoverOutputWarning",
     "ManifestError", "NotACheckpointError", "OutputOverlapsInputError", "ShardSizeError",
     "TerminatedDuringWriteError", "merge_experts", "ExpertSourceError", "Decision", "NonCausalRoutingWarning",
+    "after_optimizer_step", "register_scorer", "register_balancer",
 ]
 
 register_with_transformers()  # from_pretrained of saved upcycled models; transformers stays unimported

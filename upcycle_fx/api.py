@@ -138,14 +138,19 @@ def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_e
             top_k: int = 2, routing: str = "top_k", capacity_factor: float | None = None,
             normalize_weights: bool = True, router_init_std: float = 0.02,
             expert_noise_std: float = 0.0, expert_init: str = "copy", aux_loss_weight: float = 0.01,
-            z_loss_weight: float = 0.0, example_inputs: Any = None, inplace: bool = False,
+            z_loss_weight: float = 0.0, scoring: str = "softmax", balancing: str = "loss",
+            bias_update_speed: float = 0.001, balance_scope: str = "micro_batch",
+            routed_scaling_factor: float = 1.0, weight_scaling: bool = False,
+            example_inputs: Any = None, inplace: bool = False,
             seed: int | None = None, leaf_modules=(), verify: bool = True, drop_ratio: float | None = None,
             granularity: int = 1, num_shared_experts: int = 0, shared_expert_gate: bool = False) -> nn.Module:
     """Turn the selected FFNs of `model` into `upcycle_fx.MoE` layers (see DESIGN §3).
 
     With `normalize_weights=True` (default) and no noise, the result computes exactly what
     `model` computes. The input is left untouched unless `inplace=True`. Fine-grained and
-    shared experts, Drop-Upcycling: see `UpcycleConfig`.
+    shared experts, Drop-Upcycling and the routing options (`scoring`, `balancing`,
+    `bias_update_speed`, `balance_scope`, `routed_scaling_factor`, `weight_scaling`): see
+    `UpcycleConfig`.
     """
     _check_model(model, "rewrite")
     config = UpcycleConfig(pattern=pattern, num_experts=num_experts, top_k=top_k, routing=routing,
@@ -153,7 +158,10 @@ def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_e
                            router_init_std=router_init_std, expert_noise_std=expert_noise_std,
                            expert_init=expert_init, drop_ratio=drop_ratio, granularity=granularity,
                            num_shared_experts=num_shared_experts, shared_expert_gate=shared_expert_gate,
-                           aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight, seed=seed)
+                           aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight,
+                           scoring=scoring, balancing=balancing, bias_update_speed=bias_update_speed,
+                           balance_scope=balance_scope, routed_scaling_factor=routed_scaling_factor,
+                           weight_scaling=weight_scaling, seed=seed)
     return upcycle(model, config, example_inputs=example_inputs, inplace=inplace,
                    leaf_modules=leaf_modules, verify=verify).model
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
 
 from .errors import UpcycleConfigError
+from .moe.options import check_routing_options
 
 ROUTINGS = ("top_k", "expert_choice")
 NAMED_PATTERNS = ("every_other_mlp", "all")
@@ -47,6 +48,14 @@ class UpcycleConfig:
     Qwen2-MoE does. How the function is kept: `upcycle_fx.moe.segments`.
     `routing` may differ per stack or FFN: {"encoder": "expert_choice", "decoder": "top_k"} (the
     paper's setting), FFN indices as keys, or a callable on an MLPMatch (see passes/stack_routing.py).
+
+    Routing options (`upcycle_fx.moe.options`): `scoring` names a registered scorer ("softmax";
+    "sigmoid" as DeepSeek-V3); `balancing="bias"` balances by a per-expert selection bias moved
+    by `bias_update_speed` after each optimizer step (the Switch loss is still added while
+    `aux_loss_weight > 0`); `balance_scope="global_batch"` counts the loss's expert loads over all
+    micro-batches and ranks of an optimizer step; `routed_scaling_factor` multiplies the combine
+    weights; `weight_scaling=True` (with `normalize_weights=False`) multiplies them by E/k
+    (softmax) or 2/k (sigmoid), 2410.07524's scaling to the dense function's scale.
     """
 
     pattern: PatternSpec = "every_other_mlp"
@@ -64,6 +73,12 @@ class UpcycleConfig:
     shared_expert_gate: bool = False
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
+    scoring: str = "softmax"
+    balancing: str = "loss"
+    bias_update_speed: float = 0.001
+    balance_scope: str = "micro_batch"
+    routed_scaling_factor: float = 1.0
+    weight_scaling: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -90,6 +105,7 @@ class UpcycleConfig:
             check_number(name, getattr(self, name), hint="a real number >= 0")
             if getattr(self, name) < 0:
                 raise UpcycleConfigError(f"{name}={getattr(self, name)!r} must be a number >= 0.")
+        check_routing_options(self)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1],
                       hint="or None to draw from torch's global generator")

@@ -55,7 +55,10 @@ def upcycle_config(args) -> UpcycleConfig:
                          drop_ratio=args.drop_ratio, granularity=args.granularity,
                          num_shared_experts=args.num_shared_experts, shared_expert_gate=args.shared_expert_gate,
                          aux_loss_weight=args.aux_loss_weight, z_loss_weight=args.z_loss_weight,
-                         seed=args.seed)
+                         scoring=args.scoring, balancing=args.balancing,
+                         bias_update_speed=args.bias_update_speed, balance_scope=args.balance_scope,
+                         routed_scaling_factor=args.routed_scaling_factor,
+                         weight_scaling=args.weight_scaling, seed=args.seed)
 
 
 def output_dtype(name: str) -> torch.dtype | None:

@@ -6,7 +6,10 @@ import argparse
 
 from .. import __version__
 from ..config import ROUTINGS, UpcycleConfig
+from ..moe.balancing import BALANCERS
 from ..moe.expert_init import DEFAULT_DROP_RATIO, expert_init_names
+from ..moe.options import BALANCE_SCOPES
+from ..moe.scoring import SCORERS
 from .display import console
 from .recipe import recipe_defaults
 
@@ -180,7 +183,31 @@ def _add_upcycle_options(parser: argparse.ArgumentParser) -> None:
                         help="weight of the load-balancing loss recorded for training")
     parser.add_argument("--z-loss-weight", type=float, metavar="X", default=DEFAULTS.z_loss_weight,
                         help="weight of the router z-loss recorded for training")
+    _add_routing_options(parser)
     parser.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the router and noise initialisation")
+
+
+def _add_routing_options(parser: argparse.ArgumentParser) -> None:
+    """Scorer, balancer and weight scaling (UpcycleConfig fields of the same names)."""
+    parser.add_argument("--scoring", choices=sorted(SCORERS), default=DEFAULTS.scoring,
+                        help="router scores: softmax over the experts, or sigmoid per expert "
+                             "(DeepSeek-V3; function-preserving with --normalize)")
+    parser.add_argument("--balancing", choices=sorted(BALANCERS), default=DEFAULTS.balancing,
+                        help="loss: the load-balancing loss; bias: a per-expert selection bias "
+                             "updated after each optimizer step (DeepSeek-V3; the loss is still "
+                             "added unless --aux-loss-weight 0)")
+    parser.add_argument("--bias-update-speed", type=float, metavar="X", default=DEFAULTS.bias_update_speed,
+                        help="step of the bias update with --balancing bias")
+    parser.add_argument("--balance-scope", choices=BALANCE_SCOPES, default=DEFAULTS.balance_scope,
+                        help="global_batch: the load-balancing loss counts expert loads over all "
+                             "micro-batches and ranks of an optimizer step")
+    parser.add_argument("--routed-scaling-factor", type=float, metavar="X",
+                        default=DEFAULTS.routed_scaling_factor,
+                        help="factor on the combine weights (not function-preserving unless 1)")
+    parser.add_argument("--weight-scaling", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS.weight_scaling,
+                        help="with --no-normalize: scale the top-k weights by E/k (softmax) or 2/k "
+                             "(sigmoid) so that uniform routing computes the dense function")
 
 
 def _add_dtype(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ from ..capture.inputs import ModelInputs
 from ..capture.snapshot import left_as_found
 from ..config import UpcycleConfig
 from ..errors import RewriteError
+from ..moe.options import routing_preserves_function
 from ..report import moe_layers, relative_error
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -51,7 +52,7 @@ def preserves_function(config: UpcycleConfig) -> bool:
     top_k_everywhere = (routing == "top_k" if isinstance(routing, str)
                         else isinstance(routing, Mapping) and all(v == "top_k" for v in routing.values()))
     whole_groups = config.top_k % routed_group_size(config.granularity, config.num_shared_experts) == 0
-    return (top_k_everywhere and config.normalize_weights
+    return (top_k_everywhere and routing_preserves_function(config)
             and config.expert_noise_std == 0 and config.capacity_factor is None
             and expert_init(config.expert_init).preserves_function(config) and whole_groups)
 

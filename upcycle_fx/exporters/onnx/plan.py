@@ -15,6 +15,7 @@ from torch import nn
 
 from ...moe import MoE
 from ...moe.activations import QUICK_GELU_ALPHA, probe
+from ...moe.options import fused_routing_problem
 from ...report import moe_layers
 from .errors import OnnxExportError
 from .fused import GELU, RELU, SILU, SWIGLU, FusedForm
@@ -62,6 +63,9 @@ def fused_form(moe: MoE, target: Target) -> FusedForm | str:
     settings, experts = moe.settings, moe.experts
     if settings.routing != "top_k":
         return f"{settings.routing} routing: the fused op routes tokens to their top-k experts only"
+    routing_problem = fused_routing_problem(settings)
+    if routing_problem:
+        return routing_problem
     if settings.capacity_factor is not None and settings.capacity_factor * settings.top_k < moe.num_experts:
         return (f"capacity_factor={settings.capacity_factor:g} can drop assignments "
                 "(the fused op is dropless)")
@@ -82,7 +86,7 @@ def fused_form(moe: MoE, target: Target) -> FusedForm | str:
     if probe_error:
         return probe_error
     return FusedForm(activation_type, settings.top_k, settings.normalize_weights, alpha,
-                     "tanh" if target.gelu == "tanh" else "none")
+                     "tanh" if target.gelu == "tanh" else "none", settings.scoring)
 
 
 def _splits_tied_rows(moe: MoE) -> str | None:
