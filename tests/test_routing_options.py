@@ -374,9 +374,6 @@ def test_low_precision_training_step_keeps_a_float32_bias(dtype):
     assert torch.count_nonzero(moe.expert_bias) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="format='hf' (exporters/hf_moe.py) does not yet refuse routings "
-                                       "that softmax-then-top-k cannot express: it should call "
-                                       "upcycle_fx.moe.options.softmax_top_k_problem per layer")
 def test_stock_mixtral_format_refuses_sigmoid_scores(tmp_path):
     """Sigmoid scores with renormalised weights compute the dense function at conversion, so the
     written check passes, but the stock Mixtral routes by softmax: after training it would

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..moe import MoE
+from ..moe.options import softmax_top_k_problem
 from ..report import moe_layers
 from .errors import HFFormatError
 from .hf_names import stored_tensors
@@ -173,6 +174,9 @@ def _layer_problems(moe: MoE, first: MoE, config) -> list[str]:
         problems.append(f"routing {s.routing!r}: the target routes tokens with top-k only")
     if s.capacity_factor is not None:
         problems.append(f"capacity_factor {s.capacity_factor}: the target's routing is dropless")
+    routing = softmax_top_k_problem(s)
+    if routing is not None:
+        problems.append(routing)
     same = (moe.num_experts, s.top_k, s.normalize_weights, e.d_ff, _shared_width(moe))
     if same != (first.num_experts, first.settings.top_k, first.settings.normalize_weights,
                 first.experts.d_ff, _shared_width(first)):
