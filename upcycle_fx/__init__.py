@@ -12,6 +12,7 @@ from .moe.balancing import after_optimizer_step, register_balancer
 from .moe.scoring import register_scorer
 from .passes import FoldedIntoMoE, MLPMatch
 from .passes.decisions import Decision
+from .moe.expert_init import register_expert_init
 from .passes.stack_routing import NonCausalRoutingWarning
 from .patterns import register_activation
 from .exporters.checkpoint import load, save
@@ -38,7 +39,7 @@ __all__ = [
     "CheckpointDtypeError", "CheckpointWriteError", "InterruptedReplaceError", "LeftoverOutputWarning",
     "ManifestError", "NotACheckpointError", "OutputOverlapsInputError", "ShardSizeError",
     "TerminatedDuringWriteError", "merge_experts", "ExpertSourceError", "Decision", "NonCausalRoutingWarning",
-    "after_optimizer_step", "register_scorer", "register_balancer",
+    "after_optimizer_step", "register_scorer", "register_balancer", "register_expert_init",
 ]
 
 register_with_transformers()  # from_pretrained of saved upcycled models; transformers stays unimported
