@@ -32,16 +32,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..capture.leaves import LeafPolicy
 from ..capture.regions import CapturedRegion
 from ..capture.tracer import CaptureTracer
-from ..errors import RewriteError
 from .find_mlps import MLPMatch, buffers_kept
+from .splice import DROPOUTS, enclosing_module, training_flag
+from .upcycle import FoldedIntoMoE
 
-_DROPOUTS = (F.dropout, torch.dropout)
 _SENTINEL_BASE, _SENTINEL_STEP = 0.5, 2.0 ** -24  # exact binary fractions no config holds
 
 
@@ -64,19 +63,12 @@ class InlinePlan:
     refused: dict[int, str]
 
 
-class FoldedFunction(nn.Module):
+class FoldedFunction(FoldedIntoMoE):
     """Stands where a layer held its FFN's activation function; the MoE at `moe_path` applies it.
-    Returns its first argument (the call passes the function's other arguments too)."""
-
-    def __init__(self, moe_path: str, replaced: str) -> None:
-        super().__init__()
-        self.moe_path, self.replaced = moe_path, replaced
+    Returns its first argument, whatever else the layer's call passes."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x
-
-    def extra_repr(self) -> str:
-        return f"was {self.replaced}, now inside {self.moe_path!r}"
 
 
 def is_inline_op(node: fx.Node, activation_nodes: Sequence[fx.Node]) -> bool:
@@ -84,23 +76,16 @@ def is_inline_op(node: fx.Node, activation_nodes: Sequence[fx.Node]) -> bool:
     tensor: the functional ops a module swap can make into identities."""
     if node.op != "call_function" or not node.args or node.all_input_nodes != [node.args[0]]:
         return False
-    return node.target in _DROPOUTS or list(activation_nodes) == [node]
+    return node.target in DROPOUTS or list(activation_nodes) == [node]
 
 
 def is_dropout(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _DROPOUTS
+    return node.op == "call_function" and node.target in DROPOUTS
 
 
 def dropout_p(node: fx.Node) -> float:
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     return float(p) if isinstance(p, (int, float)) else float("nan")
-
-
-def training_flag(node: fx.Node) -> object:
-    """The `training` / `train` argument of a functional dropout node, as recorded."""
-    if node.target is F.dropout:
-        return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-    return node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
 
 
 def inline_attributes(model: nn.Module, plans: Sequence[tuple[MLPMatch, str, Sequence[fx.Node]]]) -> InlinePlan:
@@ -132,17 +117,11 @@ def neutralize(model: nn.Module, attributes: dict[InlineAttribute, str]) -> None
             setattr(owner, attribute.name, FoldedFunction(moe_path, name).train(owner.training))
 
 
-def _holder(match: MLPMatch) -> str:
-    from .splice import enclosing_module
-
-    return enclosing_module(match)
-
-
 def _owners(match: MLPMatch) -> list[str]:
     """The modules whose attributes may feed the ops: the module that holds the FFN (the innermost
     one called once that creates all of it) and those between it and the projections (never its
     ancestors: an encoder's layerdrop must not change while probing)."""
-    holder = _holder(match)
+    holder = enclosing_module(match)
     rest = match.path.removeprefix(holder).strip(".") if match.path.startswith(holder) else ""
     paths, parts = [holder], rest.split(".") if rest else []
     for i in range(len(parts)):
@@ -204,8 +183,8 @@ def _probe_region(model: nn.Module, items: list[tuple[MLPMatch, str, fx.Node]],
     failure = None
     try:
         with _replaced(model, replacements), buffers_kept(model):
-            for mode in (False, True):
-                with _holders_in_mode(model, {_holder(m) for m, _, _ in items}, mode):
+            for mode in (False, True) if any(is_dropout(node) for *_, node in items) else (False,):
+                with _holders_in_mode(model, {enclosing_module(m) for m, _, _ in items}, mode):
                     for value in replacements.values():
                         if isinstance(value, _Recorder):
                             value.nodes = []

@@ -29,9 +29,8 @@ from ..capture.regions import trace_region
 from ..errors import RewriteError
 from ..moe import MoE
 from .find_mlps import MLPMatch, match_region
-from .inline_ffn import training_flag as _training_flag
 
-_DROPOUTS = (F.dropout, torch.dropout)
+DROPOUTS = (F.dropout, torch.dropout)  # the functional dropouts
 
 
 @dataclass(frozen=True)
@@ -77,12 +76,19 @@ def check_spliceable(model: nn.Module, path: str) -> None:
                 "own nn.Module.")
 
 
+def training_flag(node: fx.Node) -> object:
+    """The `training` / `train` argument of a functional dropout node, as recorded."""
+    if node.target is F.dropout:
+        return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
+
+
 def _signature(graph: fx.Graph) -> list[tuple]:
     """The graph with dropout's training flags left out (to compare train and eval traces)."""
     rows = []
     for node in graph.nodes:
         args, kwargs = node.args, dict(node.kwargs)
-        if node.target in _DROPOUTS:
+        if node.target in DROPOUTS:
             kwargs.pop("training", None)
             kwargs.pop("train", None)
             args = args[:2]
@@ -203,9 +209,9 @@ def _drop_dense_parts(module: nn.Module, graph: fx.Graph, removed: dict[str, str
 
 def _dropouts_follow_mode(module: nn.Module, graph: fx.Graph, eval_graph: fx.Graph) -> None:
     """Functional dropouts whose flag was `self.training` become nn.Dropout modules."""
-    eval_flags = {n.name: _training_flag(n) for n in eval_graph.nodes if n.target in _DROPOUTS}
+    eval_flags = {n.name: training_flag(n) for n in eval_graph.nodes if n.target in DROPOUTS}
     for node in list(graph.nodes):
-        if node.target not in _DROPOUTS or eval_flags.get(node.name) == _training_flag(node):
+        if node.target not in DROPOUTS or eval_flags.get(node.name) == training_flag(node):
             continue
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         name = _free_name(module, "dropout")

@@ -26,7 +26,6 @@ from ..moe.experts import Experts, FFNWeights
 from ..patterns import FFNSite
 from ..patterns.plain import module_problem
 from .find_mlps import MLPMatch
-from .inline_ffn import inline_attributes, is_inline_op, neutralize
 from .splice import SplicePlan, check_spliceable, enclosing_module, splice
 
 
@@ -98,6 +97,8 @@ def plan_swap(match: MLPMatch) -> SwapPlan | None:
 def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node, nn.Module | None]] | None:
     """Leaf modules (and functional dropouts and activations, module None) from `start` to the
     FFN output on a single-user chain, or None."""
+    from .inline_ffn import is_inline_op  # it builds on this module's FoldedIntoMoE
+
     tail: list[tuple[fx.Node, nn.Module | None]] = []
     node = start
     while node is not site.y:
@@ -218,6 +219,8 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
     Module swaps first; FFNs that no module holds alone are spliced into a re-traced graph of
     their enclosing module afterwards (which then sees the new MoE modules as leaves).
     """
+    from .inline_ffn import inline_attributes, neutralize  # it builds on this module's FoldedIntoMoE
+
     swaps = {m.index: plan_swap(m) for m in matches}  # plan everything before touching the model
     inline = inline_attributes(model, [(m, swaps[m.index].host, swaps[m.index].inline) for m in matches
                                        if swaps[m.index] is not None and swaps[m.index].inline])
