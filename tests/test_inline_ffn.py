@@ -115,6 +115,21 @@ def test_every_layer_converts_in_place_and_preserves_the_function(name):
     assert relative(actual, expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_keep_their_own_code(dtype):
+    """In half precision the layer's own dtype-dependent code (BART's float16 clamp) still runs:
+    the layer is not re-traced. The upcycled logits match the dense ones at the dtype's precision."""
+    dense = bart().to(dtype)
+    sparse = upcycled(dense)
+    assert all(type(layer).forward is type(dense_layer).forward
+               for layer, dense_layer in zip(layers(sparse), layers(dense)))
+    batch = inputs_of("bart")
+    with torch.no_grad():
+        expected, actual = dense(**batch).logits, sparse(**batch).logits
+    assert actual.dtype == dtype
+    assert relative(actual.float(), expected.float()) <= (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
 def test_activation_dropout_runs_inside_the_experts_in_training():
     """p=1 between activation and fc2: in training the dense FFN outputs exactly fc2's bias.
     The upcycled model must too (the experts drop their hidden units); the dropout left on the
