@@ -217,7 +217,9 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
     """Swap each match for an MoE in `model` (which the caller has already copied if needed).
 
     Module swaps first; FFNs that no module holds alone are spliced into a re-traced graph of
-    their enclosing module afterwards (which then sees the new MoE modules as leaves).
+    their enclosing module afterwards (which then sees the new MoE modules as leaves). Functional
+    ops between the swapped modules (BART's activation dropout) become identities through the
+    attributes that feed them (`inline_ffn`); an FFN where that is not possible is spliced.
     """
     from .inline_ffn import inline_attributes, neutralize  # it builds on this module's FoldedIntoMoE
 
