@@ -272,6 +272,7 @@ def test_plain_layer_converts_with_its_dropout_attribute():
     dense = Stack(p=1.0).eval()
     sparse = upcycled(dense, example_inputs=stack_inputs())
     assert all(isinstance(layer.fc1, MoE) and layer.activation_dropout == 0.0 for layer in sparse.layers)
+    assert all(layer.activation_dropout == 1.0 and not layer.training for layer in dense.layers)  # input untouched
     for mode in (False, True):  # p=1: in training the FFN is fc2's bias in both models
         dense.train(mode), sparse.train(mode)
         with torch.no_grad():
@@ -284,6 +285,7 @@ def test_activation_function_held_by_an_attribute_becomes_an_identity():
     dense = Stack(functional_act=F.relu).eval()
     sparse = upcycled(dense, example_inputs=stack_inputs())
     assert all(isinstance(layer.activation_fn, FoldedFunction) for layer in sparse.layers)
+    assert all(layer.activation_fn is F.relu for layer in dense.layers)  # input untouched
     with torch.no_grad():
         assert relative(sparse(*stack_inputs()), dense(*stack_inputs())) <= TOLERANCE
 
