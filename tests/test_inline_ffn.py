@@ -230,9 +230,9 @@ class Layer(nn.Module):
     `literal_p`, `shared_p`, `constant_flag`, `functional_act` and `global_act` make variants."""
 
     def __init__(self, d=16, f=32, *, p=0.25, literal_p=False, shared_p=False, constant_flag=False,
-                 functional_act=None, global_act=False):
+                 functional_act=None, global_act=False, norm=None):
         super().__init__()
-        self.norm = nn.LayerNorm(d)
+        self.norm = norm or nn.LayerNorm(d)
         self.fc1, self.fc2 = nn.Linear(d, f), nn.Linear(f, d)
         self.activation_fn = functional_act or nn.GELU()
         self.activation_dropout = p
@@ -263,6 +263,13 @@ class Stack(nn.Module):
         return x
 
 
+class RowNorm(nn.Module):
+    """Normalises row by row in a Python loop over a tensor: FX traces it only as a leaf."""
+
+    def forward(self, x):
+        return torch.stack([row / row.norm(dim=-1, keepdim=True) for row in x])
+
+
 def stack_inputs():
     generator = torch.Generator().manual_seed(5)
     return (torch.randn(2, 6, 16, generator=generator), torch.ones(16))
@@ -277,6 +284,16 @@ def test_plain_layer_converts_with_its_dropout_attribute():
         dense.train(mode), sparse.train(mode)
         with torch.no_grad():
             assert relative(sparse(*stack_inputs()), dense(*stack_inputs())) <= TOLERANCE
+
+
+def test_the_users_leaf_modules_hold_when_the_region_is_traced_again():
+    """The attribute probe re-traces the region with the leaves the capture used, `leaf_modules=`
+    included (without them the re-trace fails and the layer cannot be converted)."""
+    dense = Stack(norm=RowNorm()).eval()
+    sparse = upcycled(dense, example_inputs=stack_inputs(), leaf_modules=[RowNorm])
+    assert all(isinstance(layer.fc1, MoE) and layer.activation_dropout == 0.0 for layer in sparse.layers)
+    with torch.no_grad():
+        assert relative(sparse(*stack_inputs()), dense(*stack_inputs())) <= TOLERANCE
 
 
 def test_activation_function_held_by_an_attribute_becomes_an_identity():

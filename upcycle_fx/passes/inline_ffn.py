@@ -309,14 +309,16 @@ def _holders_in_mode(model: nn.Module, holders: set[str], mode: bool) -> Iterato
 
 def _trace_again(model: nn.Module, region: CapturedRegion) -> fx.Graph:
     """The region traced as capture traced it, but through `model`'s modules (the copy being
-    rewritten, not the model the region was captured from)."""
+    rewritten, not the model the region was captured from). Every module the capture kept as a
+    leaf stays one (the user's `leaf_modules=` included)."""
     target = model.get_submodule(region.prefix)
+    policy = LeafPolicy(leaf_names=tuple({n.target for n in region.graph.nodes if n.op == "call_module"}))
     if region.inner:
         root = copy.copy(region.root)
         root._modules = {**region.root._modules, region.inner: target}
-        tracer = CaptureTracer(LeafPolicy(), shadow_inputs=region.root.example_tensors)
+        tracer = CaptureTracer(policy, shadow_inputs=region.root.example_tensors)
     else:
-        root, tracer = target, CaptureTracer(LeafPolicy())
+        root, tracer = target, CaptureTracer(policy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tracer.trace(root)
