@@ -30,15 +30,17 @@ from ..errors import RewriteError
 from ..moe import MoE
 from .find_mlps import MLPMatch, match_region
 
-_DROPOUTS = (F.dropout, torch.dropout)
+DROPOUTS = (F.dropout, torch.dropout)  # the functional dropouts
 
 
 @dataclass(frozen=True)
 class SplicePlan:
-    """Replace the module at `path` by a re-traced graph holding `matches` as MoE calls."""
+    """Replace the module at `path` by a re-traced graph holding `matches` as MoE calls
+    (`swap_refused`: why a module swap could not stand in for them, for the error message)."""
 
     path: str
     matches: tuple[MLPMatch, ...]
+    swap_refused: tuple[str, ...] = ()
 
 
 def enclosing_module(match: MLPMatch) -> str:
@@ -74,7 +76,8 @@ def check_spliceable(model: nn.Module, path: str) -> None:
                 "own nn.Module.")
 
 
-def _training_flag(node: fx.Node) -> object:
+def training_flag(node: fx.Node) -> object:
+    """The `training` / `train` argument of a functional dropout node, as recorded."""
     if node.target is F.dropout:
         return node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
     return node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
@@ -85,7 +88,7 @@ def _signature(graph: fx.Graph) -> list[tuple]:
     rows = []
     for node in graph.nodes:
         args, kwargs = node.args, dict(node.kwargs)
-        if node.target in _DROPOUTS:
+        if node.target in DROPOUTS:
             kwargs.pop("training", None)
             kwargs.pop("train", None)
             args = args[:2]
@@ -93,14 +96,15 @@ def _signature(graph: fx.Graph) -> list[tuple]:
     return rows
 
 
-def _trace_both_modes(module: nn.Module, path: str):
+def _trace_both_modes(module: nn.Module, path: str, swap_refused: tuple[str, ...] = ()):
     mode = module.training
     try:
         regions = {flag: trace_region(module.train(flag), path, None) for flag in (True, False)}
     except Exception as error:  # noqa: BLE001
+        swap = f"; and a module swap cannot stand in for it: {swap_refused[0]}" if swap_refused else ""
         raise RewriteError(f"{path}: the FFN inside is written inline, and the module that holds it "
-                           f"cannot be traced on its own ({type(error).__name__}: {error}); move the "
-                           "FFN into its own nn.Module") from error
+                           f"cannot be traced on its own ({type(error).__name__}: {error}){swap}; move "
+                           "the FFN into its own nn.Module, or leave it dense (pattern=[...])") from error
     finally:
         module.train(mode)
     if _signature(regions[True].graph) != _signature(regions[False].graph):
@@ -113,7 +117,7 @@ def splice(model: nn.Module, plan: SplicePlan, moes: list[MoE]) -> nn.Module:
     """Make the module at `plan.path` in `model` run its re-traced graph with the FFNs as MoE
     calls (in place: the module object stays, its class becomes a `SplicedModule` subclass)."""
     module = model.get_submodule(plan.path)
-    region, eval_region = _trace_both_modes(module, plan.path)
+    region, eval_region = _trace_both_modes(module, plan.path, plan.swap_refused)
     graph = region.graph
     sites = {tuple(p.owner for p in s.projections): s for s in match_region(region)[0]}
     removed: dict[str, str] = {}  # graph target the FFN used -> name of the MoE that replaces it
@@ -205,9 +209,9 @@ def _drop_dense_parts(module: nn.Module, graph: fx.Graph, removed: dict[str, str
 
 def _dropouts_follow_mode(module: nn.Module, graph: fx.Graph, eval_graph: fx.Graph) -> None:
     """Functional dropouts whose flag was `self.training` become nn.Dropout modules."""
-    eval_flags = {n.name: _training_flag(n) for n in eval_graph.nodes if n.target in _DROPOUTS}
+    eval_flags = {n.name: training_flag(n) for n in eval_graph.nodes if n.target in DROPOUTS}
     for node in list(graph.nodes):
-        if node.target not in _DROPOUTS or eval_flags.get(node.name) == _training_flag(node):
+        if node.target not in DROPOUTS or eval_flags.get(node.name) == training_flag(node):
             continue
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         name = _free_name(module, "dropout")

@@ -64,10 +64,12 @@ class FoldedIntoMoE(nn.Identity):
 
 @dataclass(frozen=True)
 class SwapPlan:
-    """Swap `host` for the MoE and every module in `folded` for an identity."""
+    """Swap `host` for the MoE and every module in `folded` for an identity; the functional ops
+    in `inline` then run on the MoE's output and must become identities (see `inline_ffn`)."""
 
     host: str
     folded: tuple[str, ...]
+    inline: tuple[fx.Node, ...] = ()
 
 
 def plan_swap(match: MLPMatch) -> SwapPlan | None:
@@ -85,23 +87,31 @@ def plan_swap(match: MLPMatch) -> SwapPlan | None:
         folded = _straight_tail(span.outputs[0], site, region)
         if folded is None:
             continue
-        covered = set(created) | {n for n, _ in folded}
+        inline = tuple(n for n, m in folded if m is None)
+        folded = [(n, m) for n, m in folded if m is not None]
+        covered = set(created) | {n for n, _ in folded} | set(inline)
         if not all(n in covered or n.op == "get_attr" for n in site.members):
             continue
-        plan = SwapPlan(path, tuple(region.absolute(n.target) for n, _ in folded))
+        plan = SwapPlan(path, tuple(region.absolute(n.target) for n, _ in folded), inline)
         if best is None or len(created) > best[0]:
             best = (len(created), plan)
     return None if best is None else best[1]
 
 
-def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node, nn.Module]] | None:
-    """Leaf modules from `start` to the FFN output on a single-user chain, or None."""
-    tail: list[tuple[fx.Node, nn.Module]] = []
+def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node, nn.Module | None]] | None:
+    """Leaf modules (and functional dropouts and activations, module None) from `start` to the
+    FFN output on a single-user chain, or None."""
+    from .inline_ffn import is_inline_op  # it builds on this module's FoldedIntoMoE
+
+    tail: list[tuple[fx.Node, nn.Module | None]] = []
     node = start
     while node is not site.y:
         if node not in site.members or len(node.users) != 1:
             return None
         (node,) = node.users
+        if is_inline_op(node, site.activation_nodes):
+            tail.append((node, None))
+            continue
         if node.op != "call_module" or node.all_input_nodes != [node.args[0]] or node.kwargs:
             return None
         module = region.module(node.target)
@@ -232,12 +242,20 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
     """Swap each match for an MoE in `model` (which the caller has already copied if needed).
 
     Module swaps first; FFNs that no module holds alone are spliced into a re-traced graph of
-    their enclosing module afterwards (which then sees the new MoE modules as leaves).
+    their enclosing module afterwards (which then sees the new MoE modules as leaves). Functional
+    ops between the swapped modules (BART's activation dropout) become identities through the
+    attributes that feed them (`inline_ffn`); an FFN where that is not possible is spliced.
     """
+    from .inline_ffn import inline_attributes, neutralize  # it builds on this module's FoldedIntoMoE
+
     check_layouts(matches, config)
     swaps = {m.index: plan_swap(m) for m in matches}  # plan everything before touching the model
+    inline = inline_attributes(model, [(m, swaps[m.index].host, swaps[m.index].inline) for m in matches
+                                       if swaps[m.index] is not None and swaps[m.index].inline])
     splices: dict[str, list[MLPMatch]] = {}
     for m in matches:
+        if m.index in inline.refused:  # its module is re-traced instead
+            swaps[m.index] = None
         _check_replaceable(model, m, swaps[m.index])
         if swaps[m.index] is None:
             splices.setdefault(enclosing_module(m), []).append(m)
@@ -255,6 +273,8 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
             model = set_submodule(model, path, folded)
         moe = moes[m.index].train(model.get_submodule(plan.host).training)  # keep the mode it replaces
         model = set_submodule(model, plan.host, moe)
+    neutralize(model, inline.attributes)
     for path, group in splices.items():
-        model = splice(model, SplicePlan(path, tuple(group)), [moes[m.index] for m in group])
+        refused = tuple(inline.refused[m.index] for m in group if m.index in inline.refused)
+        model = splice(model, SplicePlan(path, tuple(group), refused), [moes[m.index] for m in group])
     return model
