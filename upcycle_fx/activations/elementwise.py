@@ -60,7 +60,7 @@ def elementwise_problem(fn: Callable[[Tensor], Tensor], width: int = PROBE_WIDTH
                         dtype: torch.dtype = torch.float32) -> str | None:
     """None if `fn` acts element by element on [..., width] inputs of `dtype`, else why not."""
     generator = torch.Generator().manual_seed(0)
-    x = (3 * torch.randn(2, 3, width, generator=generator)).to(dtype)
+    x = (3 * torch.randn(2, 3, width, generator=generator, device="cpu")).to(dtype)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -73,13 +73,13 @@ def elementwise_problem(fn: Callable[[Tensor], Tensor], width: int = PROBE_WIDTH
             rows = x.reshape(-1, width)
             if not _same(_run(fn, rows), y.reshape(-1, width)):
                 return "its rows change when the leading dimensions are flattened"
-            order = torch.randperm(rows.shape[0], generator=generator)
+            order = torch.randperm(rows.shape[0], generator=generator, device="cpu")
             if not _same(_run(fn, rows[order]), y.reshape(-1, width)[order]):
                 return "its rows change when the rows are permuted: it mixes positions"
-            changed = torch.zeros(x.numel(), dtype=torch.bool)
-            changed[torch.randperm(x.numel(), generator=generator)[:3]] = True
+            changed = torch.zeros(x.numel(), dtype=torch.bool, device="cpu")
+            changed[torch.randperm(x.numel(), generator=generator, device="cpu")[:3]] = True
             changed = changed.reshape(x.shape)
-            perturbed = torch.where(changed, (3 * torch.randn(x.shape, generator=generator)).to(dtype), x)
+            perturbed = torch.where(changed, (3 * torch.randn(x.shape, generator=generator, device="cpu")).to(dtype), x)
             moved = ~_close(_run(fn, perturbed), y)
             if (moved & ~changed).any():
                 return "changing one element changes other output elements: it mixes elements"
@@ -159,6 +159,6 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
         with torch.no_grad():
             for t in [*stand_in.parameters(recurse=False), *stand_in.buffers(recurse=False)]:
                 if t.is_floating_point():
-                    t.copy_(torch.rand(t.shape, generator=generator).to(t.dtype) - 0.5)
+                    t.copy_(torch.rand(t.shape, generator=generator, device="cpu").to(t.dtype) - 0.5)
         return stand_in
     return copy.deepcopy(module).to("cpu")
