@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..activations import QUICK_GELU_ALPHA, activation_names, describe, get_activation  # noqa: F401
+from ..activations import activation_names, describe, get_activation
 
 PROBE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
