@@ -424,3 +424,25 @@ def test_a_new_records_triton_form_runs_in_the_decode_kernel(bent_gelu_record):
             got = dispatch(x, routing, experts, "decode")
             want = dispatch(x, routing, experts, "loop")
         assert relative(got, want) <= 1e-5
+
+
+def test_cli_streams_an_activation_with_parameters(tmp_path):
+    """`upcycle-fx rewrite APERTUS_DIR --out OUT` (a subprocess on a real directory) streams the
+    checkpoint: the experts' xIELU parameters are read from the input shards (they used to stay
+    on the meta device, a raw NotImplementedError), and the output computes the dense function."""
+    from cli_models import run_cli, snapshot
+
+    dense = tiny_apertus()
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            layer.mlp.act_fn.alpha_p.fill_(0.3)   # not the initial value: must come from the shards
+    dense.save_pretrained(tmp_path / "dense")
+    before = snapshot(tmp_path / "dense")
+    result = run_cli("rewrite", tmp_path / "dense", "--out", tmp_path / "out", "--pattern", "all", "--experts", "4")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert snapshot(tmp_path / "dense") == before
+    sparse = upcycle_fx.load(tmp_path / "out").eval()
+    for _, moe in upcycle_fx.moe_layers(sparse):
+        assert torch.allclose(moe.experts.activation.alpha_p, torch.tensor([0.3]))
+    with torch.no_grad():
+        assert relative(sparse(ids()).logits, dense(ids()).logits) <= 1e-5

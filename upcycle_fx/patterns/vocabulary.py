@@ -288,3 +288,16 @@ def _functional_projection(node: fx.Node, module_of, absolute) -> NodeMeaning:
     bias_name = None if bias is None else bias.target.rpartition(".")[2]
     return NodeMeaning(LINEAR, Projection(node, absolute(owner_rel), weight_name, bias_name,
                                           "functional", int(in_f), int(out_f)))
+
+
+def activation_tensor_names(nodes: list[fx.Node], region) -> list[str]:
+    """Absolute names of the parameters and buffers of an FFN's activation modules (xIELU's
+    alphas and constants): what a conversion must read besides the projections' weights."""
+    names = []
+    for node in nodes:
+        if node.op == "call_module":
+            path = region.absolute(node.target)
+            module = region.module(node.target)
+            names += [f"{path}.{n}" if path else n for n, _ in module.named_parameters()]
+            names += [f"{path}.{n}" if path else n for n, _ in module.named_buffers()]
+    return names
