@@ -8,6 +8,8 @@ import importlib.util
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -446,3 +448,32 @@ def test_cli_streams_an_activation_with_parameters(tmp_path):
         assert torch.allclose(moe.experts.activation.alpha_p, torch.tensor([0.3]))
     with torch.no_grad():
         assert relative(sparse(ids()).logits, dense(ids()).logits) <= 1e-5
+
+
+# element-wise ops that do not saturate in float32 (a chain of tanh, erf and sigmoid maps a whole
+# range of inputs to exactly 1.0, and no probe can see what happens to a constant)
+ELEMENT_WISE = [torch.relu, F.softplus, F.silu, torch.abs, torch.asinh, lambda t: t * 0.7, lambda t: t + 1.5,
+                lambda t: t.clamp(min=-1.0), lambda t: t.to(torch.float64)]
+MIXING = [lambda t: torch.softmax(t, -1), lambda t: t.cumsum(-1), lambda t: t.roll(1, -1),
+          lambda t: t - t.mean(-1, keepdim=True), lambda t: t * t.sum(0, keepdim=True), lambda t: t.flip(0)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(chain=st.lists(st.sampled_from(ELEMENT_WISE), min_size=1, max_size=4),
+       mixer=st.sampled_from(MIXING), where=st.integers(0, 4))
+def test_the_probe_tells_element_wise_chains_from_chains_with_one_mixing_op(chain, mixer, where):
+    """Any chain of element-wise ops passes the probe; the same chain with one op that mixes
+    elements or positions, anywhere in it (clamps before it included), does not. (The ops keep
+    information: an op after the mixing one that maps all of its outputs to one constant would
+    make the chain element-wise again.)"""
+    def compose(ops):
+        def fn(t):
+            for op in ops:
+                t = op(t)
+            return t
+        return fn
+
+    assert elementwise_problem(compose(chain)) is None
+    mixed = list(chain)
+    mixed.insert(min(where, len(mixed)), mixer)
+    assert elementwise_problem(compose(mixed)) is not None

@@ -5,8 +5,8 @@ The experts call the FFN's own activation on rows of hidden units, [rows, d_ff],
 any tokens, where the dense FFN called it on [batch, seq, d_ff]. That is exact when each output
 element depends only on the same input element. The probe runs the candidate on a random input
 and checks: a tensor of the same shape comes back, the input is left as it was, the same input
-gives the same output, the rows flattened or permuted give the same rows, and changing a few
-elements changes no other output element. Modules are probed on a CPU copy, in training and in
+gives the same output, the rows flattened or permuted give the same rows, and moving a few
+elements up or down changes no other output element. Modules are probed on a CPU copy, in training and in
 eval mode, and must leave their own state (running statistics, counters) unchanged. It rejects
 softmax, norms, projections and anything that mixes positions or is random.
 """
@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 PROBE_WIDTH = 32              # hidden units per row unless a parameter says otherwise
 MAX_STATE_ELEMENTS = 1 << 20  # a module holding more is not an activation (an embedding table...)
-_TOLERANCE = 1e-6             # relative: element-wise kernels agree to the last bits across layouts
+PERTURBATION_ROUNDS = 2      # of 3 random elements each, changed up and down
+_TOLERANCE = 1e-6             # relative, between layouts (flattened, permuted rows); in place: bitwise
 
 _module_verdicts: "weakref.WeakKeyDictionary[nn.Module, str | None]" = weakref.WeakKeyDictionary()
 _call_verdicts: dict[tuple, str | None] = {}
@@ -76,18 +77,29 @@ def elementwise_problem(fn: Callable[[Tensor], Tensor], width: int = PROBE_WIDTH
             order = torch.randperm(rows.shape[0], generator=generator, device="cpu")
             if not _same(_run(fn, rows[order]), y.reshape(-1, width)[order]):
                 return "its rows change when the rows are permuted: it mixes positions"
-            changed = torch.zeros(x.numel(), dtype=torch.bool, device="cpu")
-            changed[torch.randperm(x.numel(), generator=generator, device="cpu")[:3]] = True
-            changed = changed.reshape(x.shape)
-            perturbed = torch.where(changed, (3 * torch.randn(x.shape, generator=generator, device="cpu")).to(dtype), x)
-            moved = ~_close(_run(fn, perturbed), y)
-            if (moved & ~changed).any():
-                return "changing one element changes other output elements: it mixes elements"
+            for changed in _perturbations(x, generator):
+                for step in (5.0, -5.0):   # both ways: a clamp upstream of the mixing cannot hide it
+                    moved = ~_identical(_run(fn, torch.where(changed, x + step, x)), y)
+                    if (moved & ~changed).any():
+                        return "changing one element changes other output elements: it mixes elements"
     except _MutatesInput:
         return "it writes into its input"
     except Exception as error:  # noqa: BLE001 - any failure means we cannot vouch for it
         return f"it failed on a probe input: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return None
+
+
+def _perturbations(x: Tensor, generator: torch.Generator) -> list[Tensor]:
+    """Masks of the few elements a perturbation changes: random ones, then the first element of
+    one row and the last of another (a scan along the row shows at the first)."""
+    masks = []
+    for _ in range(PERTURBATION_ROUNDS):
+        flat = torch.zeros(x.numel(), dtype=torch.bool, device="cpu")
+        flat[torch.randperm(x.numel(), generator=generator, device="cpu")[:3]] = True
+        masks.append(flat.reshape(x.shape))
+    ends = torch.zeros(x.shape, dtype=torch.bool, device="cpu").reshape(-1, x.shape[-1])
+    ends[0, 0] = ends[-1, -1] = True
+    return masks + [ends.reshape(x.shape)]
 
 
 class _MutatesInput(Exception):
@@ -106,6 +118,12 @@ def _close(a: Tensor, b: Tensor) -> Tensor:
     a, b = a.double(), b.double()
     scale = b.abs().nan_to_num(0.0, 0.0, 0.0).max().clamp_min(1e-30)
     return ((a - b).abs() <= _TOLERANCE * scale) | (a.isnan() & b.isnan()) | (a == b)
+
+
+def _identical(a: Tensor, b: Tensor) -> Tensor:
+    """Bitwise equal (NaN equals NaN): what an element-wise op gives an unchanged element in the
+    same place of the same layout."""
+    return (a == b) | (a.isnan() & b.isnan())
 
 
 def _same(a, b) -> bool:
