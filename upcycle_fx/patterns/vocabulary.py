@@ -2,7 +2,10 @@
 
 Every node gets one label: `linear` (a projection), `elem` (an elementwise unary op, chained
 into an activation), `mul`, `part` (one half of a split projection output), `through`
-(dropout / identity: contracted away) or `other`.
+(dropout / identity: contracted away) or `other`. Activation names come from the records of
+`upcycle_fx.activations`; a module, or a call on a projection's output, without a record is
+`elem` under its own name where the element-wise probe (`activations/elementwise.py`) vouches
+for it.
 """
 
 from __future__ import annotations
@@ -16,18 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .. import activations as activation_records
-from ..activations import elementwise
+from ..activations import elementwise, records
 
 LINEAR, ELEM, MUL, PART, THROUGH, OTHER = "linear", "elem", "mul", "part", "through", "other"
-
 
 
 class _FFNActivationNames(Sequence):
     """Names of the registered activations an FFN may have (a live view of the registry)."""
 
     def _names(self) -> tuple[str, ...]:
-        return tuple(n for n in activation_records.activation_names() if activation_records.is_ffn_activation(n))
+        return tuple(n for n in records.activation_names() if records.is_ffn_activation(n))
 
     def __getitem__(self, index):
         return self._names()[index]
@@ -65,7 +66,7 @@ def register_activation(module_class: type, name: str) -> None:
 def is_ffn_activation(name: str) -> bool:
     """Whether an FFN may have this activation: any element-wise one except a record marked as
     no FFN activation by itself (tanh: poolers and heads)."""
-    return activation_records.is_ffn_activation(name)
+    return records.is_ffn_activation(name)
 
 
 def activation_of_module(module: nn.Module) -> str | None:
@@ -74,7 +75,7 @@ def activation_of_module(module: nn.Module) -> str | None:
     for cls, name in _registered_activations.items():
         if isinstance(module, cls):
             return name
-    name = activation_records.records.name_of_module(module)
+    name = records.name_of_module(module)
     if name is not None:
         return name
     from ..capture.leaves import is_projection_module
@@ -88,7 +89,7 @@ def activation_name(ops: tuple[str, ...]) -> str:
     """Name of a chain of elementary activation ops: ('relu', 'square') -> 'relu2'."""
     if len(ops) == 1:
         return ops[0]
-    return activation_records.records.name_of_chain(ops) or "+".join(ops)
+    return records.name_of_chain(ops) or "+".join(ops)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def _unary_call(node: fx.Node, module_of: Callable[[str], nn.Module]) -> NodeMea
         return NodeMeaning(OTHER)
     source, args, kwargs = inputs[0], tuple(node.args), dict(node.kwargs)
     if args[0] is source:
-        name = activation_records.records.name_of_call(node.target, args[1:], kwargs)
+        name = records.name_of_call(node.target, args[1:], kwargs)
         if name is not None:
             return NodeMeaning(ELEM, op=name)
     own_name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
