@@ -68,6 +68,7 @@ class UpcycleReport:
     active_params_after: float
     max_relative_error: float | None = None
     routing: tuple[tuple[str, str], ...] = ()
+    activations: tuple[str, ...] = ()   # `activation_paths(model)`
 
     def rows(self) -> list[tuple[str, str]]:
         rows = [("FFNs found", str(self.ffns_found)), ("FFNs converted", str(self.ffns_converted)),
@@ -77,4 +78,40 @@ class UpcycleReport:
         rows += [(f"routing of {path}", text) for path, text in self.routing]
         if self.max_relative_error is not None:
             rows.append(("max relative error vs dense", f"{self.max_relative_error:.2e}"))
+        rows += [("activation", line) for line in self.activations]
         return rows
+
+
+def activation_paths(model: nn.Module) -> tuple[str, ...]:
+    """Each activation of the MoE layers once, as reports name it, with the paths its experts
+    take: "silu: Triton decode kernel, fused ONNX node (SwiGLU, alpha=1)", or
+    "element-wise `BloomGelu`: generic paths (no record, so no Triton decode kernel and no
+    fused ONNX node)". Fast paths are listed only where the probe vouches for the module."""
+    from .activations import describe, get_activation
+    from .moe.activations import cached_probe
+
+    lines: dict[tuple[str, bool], str] = {}
+    for _, moe in moe_layers(model):
+        experts = moe.experts
+        key = (experts.activation_name, experts.gated)
+        if key not in lines:
+            lines[key] = _paths_line(experts, get_activation(key[0]), describe(key[0]), cached_probe)
+    return tuple(lines.values())
+
+
+def _paths_line(experts, record, name: str, cached_probe) -> str:
+    if record is None:
+        return f"{name}: generic paths (no record, so no Triton decode kernel and no fused ONNX node)"
+    problem = cached_probe(experts.activation, record.name)
+    if problem is not None:
+        return f"{name}: generic paths ({problem})"
+    paths = ["Triton decode kernel"] if record.triton is not None else []
+    onnx = record.onnx
+    if onnx is not None and experts.gated and onnx.swiglu_alpha is not None:
+        paths.append(f"fused ONNX node (SwiGLU, alpha={onnx.swiglu_alpha:g})")
+    elif onnx is not None and not experts.gated and onnx.activation_type is not None:
+        form = f"{onnx.activation_type}, {onnx.gelu} form" if onnx.gelu else onnx.activation_type
+        paths.append(f"fused ONNX node ({form}) on targets that compute it")
+    if not paths:
+        return f"{name}: generic paths (its record gives no Triton or ONNX form)"
+    return f"{name}: " + ", ".join(paths)

@@ -17,7 +17,7 @@ from .. import api
 from ..config import UpcycleConfig
 from ..passes.stack_routing import DEFAULT_ROUTING, check_routing, routing_rows, routing_spec_text
 from ..passes.verify import preserves_function
-from ..report import UpcycleReport, active_parameters, count_parameters, first_tensor, relative_error
+from ..report import UpcycleReport, activation_paths, active_parameters, count_parameters, first_tensor, relative_error
 from ..sources import NATIVE_MANIFEST, ModelSourceError, declared_dtype, load_pretrained, model_directory
 from .check import check_written_model, tolerance
 from .display import (ProgressBars, console, decision_notes, decision_table, mlp_table, onnx_table, progress_bars,
@@ -128,7 +128,7 @@ def cmd_rewrite(args) -> int:
         error = relative_error(sparse, dense)
     report = UpcycleReport(len(result.mlps), len(result.converted), result.params_before,
                            count_parameters(result.model), active_parameters(result.model), error,
-                           routing_rows(config, result.converted))
+                           routing_rows(config, result.converted), activation_paths(result.model))
     return _print_report(report, f"{loaded.name}: upcycled", config, tolerance(dense.dtype),
                          str(dense.dtype)[6:])
 

@@ -34,6 +34,7 @@ from ..config import UpcycleConfig
 from ..moe import MoE
 from ..passes import MLPList, MLPMatch
 from ..passes.upcycle import build_moe
+from ..patterns.vocabulary import activation_tensor_names
 from ..report import active_parameters, count_parameters, moe_layers
 from .atomic import refuse_overlap
 from .checkpoint import NativeFormat
@@ -257,7 +258,10 @@ class CheckpointTensors:
         names = []
         for p in match.site.projections:
             names += [_join(p.owner, p.weight)] + ([_join(p.owner, p.bias)] if p.bias else [])
-        with _holding(self.dense, self._read(names, self.device)):
+        names += activation_tensor_names(match.site.activation_nodes, match.site.region)  # xIELU's alphas
+        held = self._read([n for n in names if n not in self.buffers], self.device)
+        held.update({n: self.buffers[n] for n in names if n in self.buffers})
+        with _holding(self.dense, held):
             moe = build_moe(match, self.dense, self.config, self.generator)
         return {n: t.detach().cpu() for n, t in tensor_table(moe).tensors.items()}
 

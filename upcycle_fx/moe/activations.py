@@ -1,9 +1,10 @@
-"""Named FFN activations as reference functions, and a probe that vouches for an activation module.
+"""A probe that vouches for an activation module's name.
 
 Kernels that compute the activation themselves (ONNX Runtime's fused MoE, the Triton decode
 kernel) know it only by `Experts.activation_name`. A name is trusted only after the module has
-been run on a grid of points and found to compute that name's reference function, so a
-misnamed or customised module makes those paths step aside instead of computing something else.
+been run on a grid of points and found to compute the reference function of that name's record
+(`upcycle_fx.activations`), so a misnamed or customised module makes those paths step aside
+instead of computing something else.
 """
 
 from __future__ import annotations
@@ -11,22 +12,10 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-QUICK_GELU_ALPHA = 1.702   # x · sigmoid(1.702 x), CLIP's "quick GELU"
+from ..activations import activation_names, describe, get_activation
 
-REFERENCE = {
-    "relu": torch.relu,
-    "relu2": lambda t: torch.relu(t).square(),
-    "silu": F.silu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu_fast": lambda t: F.gelu(t, approximate="tanh"),   # the same formula as gelu_tanh
-    "gelu_quick": lambda t: t * torch.sigmoid(QUICK_GELU_ALPHA * t),
-}
 PROBE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 _verdicts: "weakref.WeakKeyDictionary[nn.Module, dict[str, str | None]]" = weakref.WeakKeyDictionary()
@@ -36,15 +25,16 @@ def probe(activation: nn.Module, name: str, dtype: torch.dtype = torch.float32,
           device: torch.device | str = "cpu") -> str | None:
     """None if `activation` computes the reference function of `name` (in `dtype` on `device`),
     else why not. Runs the module once on 161 points in [-8, 8]."""
-    if name not in REFERENCE:
-        return f"activation {name}: no reference function (known: {', '.join(REFERENCE)})"
+    record = get_activation(name)
+    if record is None:
+        return f"activation {describe(name)}: no record, so no reference function (records: {', '.join(activation_names())})"
     grid = torch.linspace(-8.0, 8.0, 161, dtype=torch.float32, device=device)
     try:
         with torch.no_grad():
             got = activation(grid.to(dtype)).float()
     except Exception as error:  # noqa: BLE001 - any failure means we cannot vouch for it
         return f"activation module {type(activation).__name__} failed on a probe: {error}"
-    want = REFERENCE[name](grid.to(dtype).float())
+    want = record.reference(grid.to(dtype).float())
     error = float((got - want).abs().max() / want.abs().max())
     if not error <= PROBE_TOLERANCE.get(dtype, 1e-5):
         return (f"activation module {type(activation).__name__} does not compute {name} "

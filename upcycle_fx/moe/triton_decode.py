@@ -18,8 +18,9 @@ one of two shapes:
   waits on one load before streaming weights instead of three; an expert chosen twice is read
   twice (from L2, mostly). Measured on an H100 (`benchmarks/README.md`): 20% faster at N ≤ 16.
 
-The hidden activations never touch memory, and the activation is computed in the kernel by
-name (`activations.py` vouches for the module first). The float32 output is zeroed and cast by
+The hidden activations never touch memory, and the activation is computed in the kernel by the
+Triton form its record gives (`upcycle_fx.activations`; `moe/activations.py` vouches for the
+module first), passed to the kernel as a compile-time function. The float32 output is zeroed and cast by
 two small Triton kernels; on Hopper and later the three launch with programmatic dependent
 launch (the compute kernel streams weights while the zeroing finishes, and waits for it with
 `gdc_wait` before its first atomic add; the cast waits for the compute kernel).
@@ -39,6 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ..activations import activation_names, describe, triton_form
 from .activations import cached_probe
 from .triton_grouped import shared_memory_per_block
 
@@ -47,7 +49,6 @@ _SHARED_SHARE = 0.75        # of a smaller GPU's per-block limit: room for the d
 ASSIGNMENT_KERNEL_MAX_ROWS = 16  # at most this many assignments: one program per assignment and slice
 PROGRAMMATIC_LAUNCH = True       # overlap zeroing, compute and cast on Hopper+ (off: plain stream order)
 _ELEMENTWISE_BLOCK = 1024
-KERNEL_ACTIVATIONS = ("relu", "relu2", "silu", "sigmoid", "tanh", "gelu", "gelu_tanh", "gelu_fast", "gelu_quick")
 
 
 @dataclass(frozen=True)
@@ -63,28 +64,6 @@ class DecodeTiles:
 
 
 @triton.jit
-def _activation(z, ACT: tl.constexpr):
-    """The FFN activation by name, in float32 (tanh written through the sigmoid)."""
-    if ACT == "relu":
-        return tl.maximum(z, 0.0)
-    elif ACT == "relu2":
-        r = tl.maximum(z, 0.0)
-        return r * r
-    elif ACT == "silu":
-        return z * tl.sigmoid(z)
-    elif ACT == "sigmoid":
-        return tl.sigmoid(z)
-    elif ACT == "tanh":
-        return 2.0 * tl.sigmoid(2.0 * z) - 1.0
-    elif ACT == "gelu":
-        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACT == "gelu_quick":
-        return z * tl.sigmoid(1.702 * z)
-    else:  # gelu_tanh / gelu_fast: 0.5 z (1 + tanh(u)) = z · sigmoid(2u)
-        return z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
-
-
-@triton.jit
 def _hidden_units(acc, gate, up_b_ptr, up_rows, fs, f_ok, stride_ubf,
                   ACT: tl.constexpr, GATED: tl.constexpr, UP_BIAS: tl.constexpr):
     """act(up + b) (gated: act(gate + b) · (up + b)) of the float32 sums `acc` (and `gate`),
@@ -94,9 +73,9 @@ def _hidden_units(acc, gate, up_b_ptr, up_rows, fs, f_ok, stride_ubf,
         if GATED:
             gate += tl.load(up_b_ptr + fs * stride_ubf, mask=f_ok, other=0.0).to(tl.float32)
     if GATED:
-        hidden = _activation(gate, ACT) * acc
+        hidden = ACT(gate) * acc
     else:
-        hidden = _activation(acc, ACT)
+        hidden = ACT(acc)
     return tl.where(f_ok, hidden, 0.0)
 
 
@@ -250,11 +229,17 @@ def _cast_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=mask).to(dst_ptr.dtype.element_ty), mask=mask)
 
 
+def kernel_activations() -> tuple[str, ...]:
+    """The activations whose records give a Triton form (`upcycle_fx.activations`)."""
+    return tuple(name for name in activation_names() if triton_form(name) is not None)
+
+
 def kernel_activation(experts) -> str | None:
     """Why the decode kernel cannot compute these experts' activation, or None if it can."""
     name = experts.activation_name
-    if name not in KERNEL_ACTIVATIONS:
-        return f"activation {name}: the decode kernel computes {', '.join(KERNEL_ACTIVATIONS)}"
+    if triton_form(name) is None:
+        return (f"activation {describe(name)}: no Triton form in its record (the decode kernel computes "
+                f"{', '.join(kernel_activations())})")
     if experts.training and experts.hidden_dropout:
         return "hidden dropout in training mode"
     return cached_probe(experts.activation, name)
@@ -330,7 +315,7 @@ def decode_experts(x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.T
                down.stride(0), down.stride(1), down.stride(2), down_b.stride(0), down_b.stride(-1),
                out.stride(0), out.stride(1))
     operands = (x, up, up_b, down, down_b, token_idx.contiguous(), expert_idx.contiguous(), weight.contiguous(), out)
-    flags = dict(ACT="gelu_tanh" if experts.activation_name == "gelu_fast" else experts.activation_name,
+    flags = dict(ACT=triton_form(experts.activation_name),
                  GATED=experts.gated, UP_BIAS=experts.up_bias is not None, DOWN_BIAS=experts.down_bias is not None,
                  BLOCK_F=tiles.block_f, BLOCK_D=tiles.block_d, PDL=pdl, num_warps=tiles.num_warps,
                  num_stages=tiles.num_stages, **launch)

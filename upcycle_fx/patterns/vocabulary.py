@@ -2,12 +2,16 @@
 
 Every node gets one label: `linear` (a projection), `elem` (an elementwise unary op, chained
 into an activation), `mul`, `part` (one half of a split projection output), `through`
-(dropout / identity: contracted away) or `other`.
+(dropout / identity: contracted away) or `other`. Activation names come from the records of
+`upcycle_fx.activations`; a module, or a call on a projection's output, without a record is
+`elem` under its own name where the element-wise probe (`activations/elementwise.py`) vouches
+for it.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -15,27 +19,28 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..activations import elementwise, records
+
 LINEAR, ELEM, MUL, PART, THROUGH, OTHER = "linear", "elem", "mul", "part", "through", "other"
 
-# Names of whole FFN activations the patterns accept (DESIGN §2; the report and ONNX use them).
-FFN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "gelu_fast", "gelu_quick", "silu", "relu2", "sigmoid")
 
-# Activation module classes by class name (torch.nn, transformers.activations, timm).
-_ACTIVATION_CLASSES: dict[str, str] = {
-    "ReLU": "relu", "SiLU": "silu", "Swish": "silu", "SiLUActivation": "silu", "Sigmoid": "sigmoid",
-    "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
-    "PytorchGELUTanh": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh", "AccurateGELUActivation": "gelu_tanh",
-    "FastGELUActivation": "gelu_fast", "QuickGELUActivation": "gelu_quick", "QuickGELU": "gelu_quick",
-    "ReLUSquaredActivation": "relu2", "SquaredReLU": "relu2", "Tanh": "tanh", "Mish": "mish",
-    "MishActivation": "mish", "ReLU6": "relu6", "LeakyReLU": "leaky_relu", "Hardswish": "hardswish",
-}
-_ACTIVATION_FUNCTIONS: dict[Callable, str] = {
-    F.relu: "relu", torch.relu: "relu", F.silu: "silu", torch.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", torch.square: "square", F.mish: "mish",
-}
-_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "square": "square"}
-# Chains of elementary ops that make one named activation.
-_CHAINS = {("relu", "square"): "relu2"}
+class _FFNActivationNames(Sequence):
+    """Names of the registered activations an FFN may have (a live view of the registry)."""
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(n for n in records.activation_names() if records.is_ffn_activation(n))
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+FFN_ACTIVATIONS = _FFNActivationNames()
 
 _DROPOUT_FUNCTIONS = (F.dropout, torch.dropout)
 _SPLITS = {"chunk": "chunks", "split": "split_size", torch.chunk: "chunks", torch.split: "split_size_or_sections"}
@@ -45,10 +50,10 @@ _registered_activations: dict[type, str] = {}
 
 
 def register_activation(module_class: type, name: str) -> None:
-    """Teach the patterns an activation module class (e.g. your own GELU, or `nn.Mish`): its
-    modules become activation nodes named `name`, and FFNs using them are accepted. The module
-    itself is copied into the experts, so any name is safe; kernels that compute activations by
-    name (ONNX's fused MoE, the Triton decode kernel) run only names they know, after a probe."""
+    """Name an activation module class (e.g. your own GELU): its modules become activation nodes
+    named `name`. Element-wise modules are recognised without it (named by their class); a name
+    with a record (`upcycle_fx.activations`) gives the fast paths (the Triton decode kernel, ONNX's
+    fused MoE), which run it only after a probe shows the module computes that record."""
     from ..errors import UpcycleConfigError
 
     if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
@@ -59,26 +64,32 @@ def register_activation(module_class: type, name: str) -> None:
 
 
 def is_ffn_activation(name: str) -> bool:
-    """A built-in FFN activation, or one named by `register_activation`."""
-    return name in FFN_ACTIVATIONS or name in _registered_activations.values()
+    """Whether an FFN may have this activation: any element-wise one except a record marked as
+    no FFN activation by itself (tanh: poolers and heads)."""
+    return records.is_ffn_activation(name)
 
 
 def activation_of_module(module: nn.Module) -> str | None:
+    """The activation a module computes: a registered class's name, the record its class spells,
+    or its class name where a probe shows it is element-wise; None for anything else."""
     for cls, name in _registered_activations.items():
         if isinstance(module, cls):
             return name
-    name = _ACTIVATION_CLASSES.get(type(module).__name__)
-    if name == "gelu" or type(module).__name__ == "GELU":
-        approximate = getattr(module, "approximate", "none")
-        return "gelu_tanh" if approximate == "tanh" else "gelu"
-    return name
+    name = records.name_of_module(module)
+    if name is not None:
+        return name
+    from ..capture.leaves import is_projection_module
+
+    if is_projection_module(module) or isinstance(module, (nn.Dropout, nn.Identity)):
+        return None
+    return type(module).__name__ if elementwise.module_problem(module) is None else None
 
 
 def activation_name(ops: tuple[str, ...]) -> str:
     """Name of a chain of elementary activation ops: ('relu', 'square') -> 'relu2'."""
     if len(ops) == 1:
         return ops[0]
-    return _CHAINS.get(ops, "+".join(ops))
+    return records.name_of_chain(ops) or "+".join(ops)
 
 
 @dataclass(frozen=True)
@@ -131,15 +142,6 @@ class NodeMeaning:
     part: Part | None = None
 
 
-def _constant_args_except_first(node: fx.Node) -> bool:
-    return len(node.all_input_nodes) == 1 and node.args and isinstance(node.args[0], fx.Node)
-
-
-def _is_square(node: fx.Node) -> bool:
-    return (node.target in (operator.pow, torch.pow, "pow") and len(node.args) == 2
-            and isinstance(node.args[0], fx.Node) and node.args[1] == 2)
-
-
 def classify(node: fx.Node, module_of: Callable[[str], nn.Module], absolute: Callable[[str], str]) -> NodeMeaning:
     """Label one node; `module_of` resolves call_module targets, `absolute` makes paths absolute."""
     from ..capture.leaves import is_projection_module
@@ -166,31 +168,65 @@ def classify(node: fx.Node, module_of: Callable[[str], nn.Module], absolute: Cal
         if node.target in _DROPOUT_FUNCTIONS:
             p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
             return NodeMeaning(THROUGH, dropout=float(p))
-        if node.target is F.gelu and _constant_args_except_first(node):
-            tanh = node.kwargs.get("approximate", "none") == "tanh"
-            return NodeMeaning(ELEM, op="gelu_tanh" if tanh else "gelu")
-        if node.target in _ACTIVATION_FUNCTIONS and _constant_args_except_first(node):
-            return NodeMeaning(ELEM, op=_ACTIVATION_FUNCTIONS[node.target])
-        if _is_square(node):
-            return NodeMeaning(ELEM, op="square")
         if node.target in (operator.mul, torch.mul) and len(node.all_input_nodes) == 2:
             return NodeMeaning(MUL)
         if node.target is operator.getitem:
             return _part(node)
         if split_spec(node) is not None:
             return NodeMeaning(THROUGH)
-        return NodeMeaning(OTHER)
+        return _unary_call(node, module_of)
     if node.op == "call_method":
-        if node.target in _ACTIVATION_METHODS and _constant_args_except_first(node):
-            return NodeMeaning(ELEM, op=_ACTIVATION_METHODS[node.target])
-        if _is_square(node):
-            return NodeMeaning(ELEM, op="square")
         if node.target == "mul" and len(node.all_input_nodes) == 2:
             return NodeMeaning(MUL)
         if split_spec(node) is not None:
             return NodeMeaning(THROUGH)
-        return NodeMeaning(OTHER)
+        return _unary_call(node, module_of)
     return NodeMeaning(OTHER)
+
+
+def _unary_call(node: fx.Node, module_of: Callable[[str], nn.Module]) -> NodeMeaning:
+    """A call on one tensor (its other arguments constant): the activation record it spells; or,
+    where it works on a projection's output, its own name if a probe shows it is element-wise
+    (`x * 0.5`, `2 * x`, `torch.erf(x)`, a wrapped function)."""
+    inputs = node.all_input_nodes
+    if len(inputs) != 1 or [a for a in node.args if a is inputs[0]] != [inputs[0]]:
+        return NodeMeaning(OTHER)
+    source, args, kwargs = inputs[0], tuple(node.args), dict(node.kwargs)
+    if args[0] is source:
+        name = records.name_of_call(node.target, args[1:], kwargs)
+        if name is not None:
+            return NodeMeaning(ELEM, op=name)
+    own_name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if not isinstance(own_name, str) or "dropout" in own_name or not _fed_by_projection(source, module_of):
+        return NodeMeaning(OTHER)  # (a dropout function's training flag is baked into the graph)
+    if node.op == "call_method" and args[0] is not source:
+        return NodeMeaning(OTHER)
+
+    def call(t: torch.Tensor):
+        given = [t if a is source else a for a in args]
+        if node.op == "call_method":
+            return getattr(given[0], node.target)(*given[1:], **kwargs)
+        return node.target(*given, **kwargs)
+
+    key = (node.op, node.target, repr([None if a is source else a for a in args]), repr(sorted(kwargs.items())))
+    if elementwise.call_problem(call, key, source.meta.get("shadow")) is not None:
+        return NodeMeaning(OTHER)
+    return NodeMeaning(ELEM, op=own_name)
+
+
+def _fed_by_projection(source: fx.Node, module_of: Callable[[str], nn.Module], depth: int = 16) -> bool:
+    """Whether `source` is a projection's output, or comes from one through single-input nodes."""
+    from ..capture.leaves import is_projection_module
+
+    for _ in range(depth):
+        if source.op == "call_module" and is_projection_module(module_of(source.target)):
+            return True
+        if source.op == "call_function" and source.target in _LINEAR_FUNCTIONS:
+            return True
+        if len(source.all_input_nodes) != 1:
+            return False
+        source = source.all_input_nodes[0]
+    return False
 
 
 def split_spec(node: fx.Node) -> tuple[str, object] | None:
@@ -253,3 +289,16 @@ def _functional_projection(node: fx.Node, module_of, absolute) -> NodeMeaning:
     bias_name = None if bias is None else bias.target.rpartition(".")[2]
     return NodeMeaning(LINEAR, Projection(node, absolute(owner_rel), weight_name, bias_name,
                                           "functional", int(in_f), int(out_f)))
+
+
+def activation_tensor_names(nodes: list[fx.Node], region) -> list[str]:
+    """Absolute names of the parameters and buffers of an FFN's activation modules (xIELU's
+    alphas and constants): what a conversion must read besides the projections' weights."""
+    names = []
+    for node in nodes:
+        if node.op == "call_module":
+            path = region.absolute(node.target)
+            module = region.module(node.target)
+            names += [f"{path}.{n}" if path else n for n, _ in module.named_parameters()]
+            names += [f"{path}.{n}" if path else n for n, _ in module.named_buffers()]
+    return names

@@ -2,8 +2,10 @@
 
 A layer is fused only when the node computes exactly what the layer computes (up to float
 rounding); otherwise it falls back to the portable lowering with the reason recorded. The
-activation is trusted by name only after a numerical probe: the experts' activation module is run
-on a grid and compared with the reference function of the name it claims.
+activation's fused form is the one its record gives (`upcycle_fx.activations`), trusted only after a
+numerical probe: the experts' activation module is run on a grid and compared with the reference
+function of the record it claims. An activation without a record, or whose record gives no ONNX
+form, takes the portable lowering, and the report says so.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import torch
 from torch import nn
 
 from ...moe import MoE
-from ...moe.activations import QUICK_GELU_ALPHA, probe
+from ...activations import describe, get_activation
+from ...moe.activations import probe
 from ...moe.options import fused_routing_problem
 from ...report import moe_layers
 from .errors import OnnxExportError
-from .fused import GELU, RELU, SILU, SWIGLU, FusedForm
+from .fused import GELU, SWIGLU, FusedForm
 from .targets import Target
 
 FUSED, PORTABLE = "fused", "portable"
@@ -107,19 +110,20 @@ def _splits_tied_rows(moe: MoE) -> str | None:
 
 
 def _activation_form(experts, target: Target) -> tuple[str, float] | str:
+    """(activation_type, SwiGLU alpha) from the activation's record, or why it has no fused form."""
     name = experts.activation_name
+    record = get_activation(name)
+    form = None if record is None else record.onnx
+    missing = "it has no record" if record is None else "its record gives no ONNX form"
     if experts.gated:
-        gates = {"silu": 1.0, "gelu_quick": QUICK_GELU_ALPHA}
-        if name in gates:
-            return SWIGLU, gates[name]
-        return (f"gated {name}: the fused op gates only with SwiGLU g·sigmoid(α·g)·u "
-                "(silu or quick-GELU gates)")
-    if name in ("relu", "silu"):
-        return (RELU if name == "relu" else SILU), 1.0
-    if name in ("gelu", "gelu_tanh", "gelu_fast"):
-        computes = "erf" if name == "gelu" else "tanh"
-        if computes == target.gelu:
-            return GELU, 1.0
-        return (f"{name} ({computes} GELU): the {target.name} kernel's gelu is the "
+        if form is not None and form.swiglu_alpha is not None:
+            return SWIGLU, form.swiglu_alpha
+        return (f"gated {describe(name)}: the fused op gates only with SwiGLU g·sigmoid(α·g)·u "
+                f"(silu or quick-GELU gates; {missing if form is None else 'its record gives no SwiGLU form'})")
+    if form is None or form.activation_type is None:
+        why = missing if form is None else "its record gives a SwiGLU gate only"
+        return f"activation {describe(name)}: the fused op has relu, gelu, silu and SwiGLU only ({why})"
+    if form.activation_type == GELU and form.gelu != target.gelu:
+        return (f"{name} ({form.gelu} GELU): the {target.name} kernel's gelu is the "
                 f"{target.gelu} form")
-    return f"activation {name}: the fused op has relu, gelu, silu and SwiGLU only"
+    return form.activation_type, 1.0
