@@ -13,33 +13,44 @@ from typing import ClassVar, Iterator
 
 import networkx as nx
 from networkx.algorithms import isomorphism
-from torch import fx
+from torch import fx, nn
 
 from ..capture.leaves import is_projection_module
 from ..capture.regions import CapturedRegion
+from ..moe.experts import FFNWeights
 from .plain import global_hooks_problem, module_problem, projection_problem
 from .view import PatternView
-from .vocabulary import Part, Projection, is_ffn_activation
+from .vocabulary import NodeMeaning, Part, Projection, is_ffn_activation
 
 ANY = "*"
 
 
 @dataclass
 class FFNSite:
-    """One FFN found in a captured region: everything the rewrite needs."""
+    """One FFN found in a captured region: everything the rewrite needs.
 
-    kind: str
+    `pattern` is the family that matched it: it knows how the projections' weights become the
+    experts' stacked weights (`dense_weights`). A weight-shared FFN (one module run by several
+    blocks, or on several streams) is one site: the first call, with the others in `calls`.
+    """
+
+    pattern: "FFNPattern"
     activation: str
-    up: Projection                  # dense: up; gated: up; fused_gated: the fused projection
+    up: Projection                  # the (first) projection reading x; a fused [gate | up] one
     down: Projection
-    gate: Projection | None         # gated: the separate gate projection
-    gate_half: int | None           # fused_gated: which half of `up`'s output is the gate
     x: fx.Node                      # the FFN input
     y: fx.Node                      # the FFN output (the down projection)
     members: set[fx.Node]           # every node of the FFN, y included, x excluded
     activation_nodes: list[fx.Node]
     region: CapturedRegion
+    gate: Projection | None = None  # a separate gate projection
     hidden_dropout: float = 0.0     # set by FFNPattern.check
+    calls: tuple["FFNSite", ...] = ()  # the further calls of a weight-shared FFN
+    channel_dim: int = -1           # the dim of x (and y) that holds d_model
+
+    @property
+    def kind(self) -> str:
+        return self.pattern.kind
 
     @property
     def d_model(self) -> int:
@@ -56,6 +67,17 @@ class FFNSite:
     @property
     def order(self) -> int:
         return self.y.meta["order"]
+
+    @property
+    def every_call(self) -> tuple["FFNSite", ...]:
+        return (self, *self.calls)
+
+    def dense_weights(self, model: nn.Module) -> FFNWeights:
+        """The FFN's weights read from `model`, as the experts stack them (see FFNWeights)."""
+        weights = self.pattern.dense_weights(self, model)
+        return FFNWeights(*(None if t is None else t.detach()
+                            for t in (weights.up, weights.up_bias, weights.down, weights.down_bias)),
+                          gated=weights.gated, up_bias_half=weights.up_bias_half)
 
 
 @dataclass
@@ -75,13 +97,45 @@ class MatchResult:
 
 
 class FFNPattern:
-    """Base class: subclasses declare `kind`, `roles`, `edges` and implement `assemble`."""
+    """One FFN family, all of it in one class (one file, registered with `@register_pattern`):
+
+    - `roles` and `edges`: the small labelled graph to find (labels of `vocabulary.py`, or
+      labels the family gives nodes itself in `label_node`);
+    - `assemble`: one placement of that graph -> an `FFNSite` (via `site`), or why not;
+    - `dense_weights`: how the site's projections become the experts' stacked weights.
+    Nothing else in upcycle_fx branches on the family.
+    """
 
     kind: ClassVar[str]
     roles: ClassVar[dict[str, str]]              # role -> view label (ANY matches all)
     edges: ClassVar[tuple[tuple[str, str], ...]]
     before_activation: ClassVar[tuple[tuple[str, str], ...]] = ()   # edges where dropout is wrong
     after_activation: ClassVar[tuple[tuple[str, str], ...]] = ()    # edges whose dropout is kept
+
+    def label_node(self, node: fx.Node, region: CapturedRegion) -> NodeMeaning | None:
+        """A label for a node the shared vocabulary does not know (e.g. a projection module of
+        this family's own kind), or None to leave the node to the vocabulary."""
+        return None
+
+    def assemble(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult:
+        raise NotImplementedError
+
+    def dense_weights(self, site: FFNSite, model: nn.Module) -> FFNWeights:
+        """`down(act(up(x)))`: up and down as they are, in the nn.Linear layout."""
+        up, up_bias = site.up.tensors(model)
+        down, down_bias = site.down.tensors(model)
+        return FFNWeights(up, up_bias, down, down_bias, gated=False)
+
+    def site(self, view: PatternView, roles: dict[str, fx.Node], *, up: Projection, down: Projection,
+             site_class: type[FFNSite] = FFNSite, **fields) -> MatchResult:
+        """The site of one placement whose activation has the role `act` and whose input is
+        `up`'s input (`fields`: the family's other FFNSite fields)."""
+        act = view.nodes[roles["act"]]
+        fields.setdefault("x", up.node.args[0])
+        return MatchResult(site_class(
+            pattern=self, activation=act.activation, up=up, down=down, y=down.node,
+            members=self.collect_members(view, roles), activation_nodes=act.members,
+            region=view.region, **fields))
 
     def pattern_graph(self) -> nx.DiGraph:
         graph = nx.DiGraph()
@@ -104,24 +158,55 @@ class FFNPattern:
                 seen.add(key)
                 yield roles
 
-    def assemble(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult:
-        raise NotImplementedError
-
     # --- shared checks ----------------------------------------------------------------
     def check(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult:
+        """The site of one placement after every check; for a weight-shared FFN, the site of its
+        first call holding all its calls (so each call's placement gives that same site)."""
+        result = self._check_call(view, roles)
+        if not result or _calls(view, result.site) == 1:
+            return result
+        return self._shared(view, result.site)
+
+    def _check_call(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult:
         result = self.assemble(view, roles)
         if not result:
             return result
         site = result.site
-        for check in (_check_activation, _check_leaks, _check_single_calls, _check_plain_modules):
+        for check in (_check_activation, _check_leaks, _check_plain_modules):
             failure = check(site)
             if failure is not None:
                 return failure
+        failure = _check_calls(view, site)
+        if failure is not None:
+            return failure
         dropout = self._hidden_dropout(view, roles)
         if isinstance(dropout, MatchResult):
             return dropout
         site.hidden_dropout = dropout
         return result
+
+    def _shared(self, view: PatternView, site: FFNSite) -> MatchResult:
+        """A weight-shared FFN becomes one MoE shared by its calls, so every call of its
+        projections must be this same FFN: same family, same roles, same activation."""
+        if self not in view.shared:  # every call of every shared FFN of this family, at once
+            calls: dict[tuple, dict[fx.Node, FFNSite]] = {}
+            for roles in self.find(view):
+                result = self._check_call(view, roles)
+                if result and _calls(view, result.site) > 1:
+                    calls.setdefault(_weights_key(result.site), {}).setdefault(result.site.y, result.site)
+            view.shared[self] = {key: sorted(found.values(), key=lambda s: s.order)
+                                 for key, found in calls.items()}
+        calls_found = view.shared[self][_weights_key(site)]
+        expected = _calls(view, site)
+        if len(calls_found) != expected or any(
+                (c.activation, c.hidden_dropout) != (site.activation, site.hidden_dropout) for c in calls_found):
+            return MatchResult.fail(
+                f"{site.up.owner} is called {expected} times (shared weights), but only "
+                f"{len(calls_found)} of those calls are this same {self.kind} FFN; one MoE shared by "
+                "every call cannot replace it", site.up.node)
+        first, *others = calls_found
+        first.calls = tuple(others)
+        return MatchResult(first)
 
     def collect_members(self, view: PatternView, roles: dict[str, fx.Node]) -> set[fx.Node]:
         members: set[fx.Node] = set()
@@ -178,12 +263,32 @@ def _check_leaks(site: FFNSite) -> MatchResult | None:
     return None
 
 
-def _check_single_calls(site: FFNSite) -> MatchResult | None:
+def _weights_key(site: FFNSite) -> tuple:
+    return tuple((p.owner, p.weight) for p in site.projections)
+
+
+def _calls(view: PatternView, site: FFNSite) -> int:
+    """How many times this region runs the site's first projection."""
+    return view.projection_calls[(site.up.owner, site.up.weight)]
+
+
+def _check_calls(view: PatternView, site: FFNSite) -> MatchResult | None:
+    """Every projection of the FFN runs as often as the others, and only in this region: once,
+    or once per call of a weight-shared FFN (which becomes one MoE shared by its calls). A
+    projection run more often, or also elsewhere, is shared with something else."""
+    here = {p.owner: view.projection_calls[(p.owner, p.weight)] for p in site.projections}
     for proj in site.projections:
-        calls = site.region.call_counts.get(proj.owner, 1) if proj.style != "functional" else 1
-        if calls != 1:
-            return MatchResult.fail(f"{proj.owner} is called {calls} times (shared weights); "
-                                    "its copies cannot become independent experts", proj.node)
+        calls = view.region.call_counts.get(proj.owner, 1) if proj.style != "functional" else here[proj.owner]
+        if calls != here[proj.owner]:
+            return MatchResult.fail(f"{proj.owner} is called {calls} times (shared weights), "
+                                    f"{here[proj.owner]} of them in this captured region; its copies "
+                                    "cannot become independent experts", proj.node)
+    if len(set(here.values())) != 1:
+        owner, calls = max(here.items(), key=lambda item: item[1])
+        proj = next(p for p in site.projections if p.owner == owner)
+        return MatchResult.fail(f"{owner} is called {calls} times (shared weights), the rest of the "
+                                f"FFN {min(here.values())} times; its copies cannot become "
+                                "independent experts", proj.node)
     return None
 
 

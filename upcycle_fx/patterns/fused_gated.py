@@ -5,9 +5,19 @@ Phi-3 (`gate_up_proj` + `chunk(2)`), sigmoid-gated models slicing `h[..., :f]` /
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
+from ..moe.experts import FFNWeights
 from .base import FFNPattern, FFNSite, MatchResult, part_of, projection
 from .registry import register_pattern
 from .vocabulary import Part, split_spec
+
+
+@dataclass
+class FusedGatedSite(FFNSite):
+    gate_half: int = 0  # which half (0 or 1) of the fused projection's output is the gate
 
 
 @register_pattern
@@ -33,11 +43,16 @@ class FusedGatedFFN(FFNPattern):
         if gate is None or up is None or {gate, up} != {0, 1}:
             return MatchResult.fail("the two parts are not the two halves of the fused projection",
                                     roles["gate_part"], roles["up_part"])
-        act = view.nodes[roles["act"]]
-        return MatchResult(FFNSite(
-            kind=self.kind, activation=act.activation, up=proj, down=down, gate=None, gate_half=gate,
-            x=proj.node.args[0], y=down.node, members=self.collect_members(view, roles),
-            activation_nodes=act.members, region=view.region))
+        return self.site(view, roles, up=proj, down=down, site_class=FusedGatedSite, gate_half=gate)
+
+    def dense_weights(self, site: FusedGatedSite, model) -> FFNWeights:
+        """The fused rows as they are, gate half first (swapped where the up half comes first)."""
+        up, up_bias = site.up.tensors(model)
+        down, down_bias = site.down.tensors(model)
+        if site.gate_half == 1:
+            up = torch.cat(up.chunk(2)[::-1])
+            up_bias = None if up_bias is None else torch.cat(up_bias.chunk(2)[::-1])
+        return FFNWeights(up, up_bias, down, down_bias, gated=True)
 
 
 def _half(view, part_node, proj_node, d_ff: int) -> int | None:
