@@ -196,15 +196,15 @@ class FFNPattern:
                     calls.setdefault(_weights_key(result.site), {}).setdefault(result.site.y, result.site)
             view.shared[self] = {key: sorted(found.values(), key=lambda s: s.order)
                                  for key, found in calls.items()}
-        calls_found = view.shared[self][_weights_key(site)]
+        same = [call for call in view.shared[self][_weights_key(site)]
+                if (call.activation, call.hidden_dropout) == (site.activation, site.hidden_dropout)]
         expected = _calls(view, site)
-        if len(calls_found) != expected or any(
-                (c.activation, c.hidden_dropout) != (site.activation, site.hidden_dropout) for c in calls_found):
+        if len(same) != expected:
             return MatchResult.fail(
-                f"{site.up.owner} is called {expected} times (shared weights), but only "
-                f"{len(calls_found)} of those calls are this same {self.kind} FFN; one MoE shared by "
-                "every call cannot replace it", site.up.node)
-        first, *others = calls_found
+                f"{site.up.owner} is called {expected} times (shared weights), but only {len(same)} of "
+                f"those calls are this same {self.kind} FFN (same projections, activation and dropout); "
+                "one MoE shared by every call cannot replace it", site.up.node)
+        first, *others = same
         first.calls = tuple(others)
         return MatchResult(first)
 
@@ -217,7 +217,7 @@ class FFNPattern:
             if self.roles[a] != ANY:
                 members.update(view.graph.edges[roles[a], roles[b]]["via"])
         for node in list(members):  # parameters read by functional projections
-            if view.meaning[node].projection is not None and view.meaning[node].projection.style == "functional":
+            if view.meaning[node].projection is not None:
                 members.update(n for n in node.all_input_nodes if n.op == "get_attr")
         return members
 
@@ -278,7 +278,8 @@ def _check_calls(view: PatternView, site: FFNSite) -> MatchResult | None:
     projection run more often, or also elsewhere, is shared with something else."""
     here = {p.owner: view.projection_calls[(p.owner, p.weight)] for p in site.projections}
     for proj in site.projections:
-        calls = view.region.call_counts.get(proj.owner, 1) if proj.style != "functional" else here[proj.owner]
+        module = proj.node.op == "call_module"  # a functional projection: its nodes are its calls
+        calls = view.region.call_counts.get(proj.owner, 1) if module else here[proj.owner]
         if calls != here[proj.owner]:
             return MatchResult.fail(f"{proj.owner} is called {calls} times (shared weights), "
                                     f"{here[proj.owner]} of them in this captured region; its copies "

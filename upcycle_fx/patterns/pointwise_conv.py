@@ -1,7 +1,9 @@
-"""Dense FFN of 1x1 convolutions over channels: down(act(up(x))) on x of shape [B, C, T].
+"""Dense FFN of 1x1 convolutions over channels: down(act(up(x))) on x of shape [B, C, T] or
+[B, C, H, W].
 
-SqueezeBERT (two `nn.Conv1d(kernel_size=1)`, grouped). A 1x1 `Conv1d` is a linear map of the
-channels at each position, and a grouped one a block-diagonal linear map: the experts take the
+SqueezeBERT (two `nn.Conv1d(kernel_size=1)`, grouped), SwiftFormer (`nn.Conv2d(..., 1)`). A 1x1
+convolution is a linear map of the channels at each position, and a grouped one a
+block-diagonal linear map: the experts take the
 equivalent `nn.Linear` weight (block-diagonal where grouped: the same function, though the
 zeros between the blocks become trainable weights), and the rewrite hands the MoE the channels
 as the last dim (`channel_dim`).
@@ -22,31 +24,38 @@ from .vocabulary import NodeMeaning, Projection
 POINTWISE_CONV = "pointwise_conv"
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
 @dataclass(frozen=True)
 class PointwiseConvProjection(Projection):
-    """A 1x1 `nn.Conv1d`: weight [out, in / groups, 1]."""
+    """A 1x1 convolution: weight [out, in / groups, 1(, 1)]."""
 
     groups: int = 1
 
     def tensors(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         conv = model.get_submodule(self.owner)
-        blocks = conv.weight.squeeze(-1).chunk(self.groups, dim=0)
+        blocks = conv.weight.flatten(1).chunk(self.groups, dim=0)
         return torch.block_diag(*blocks), conv.bias
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:
-    """A Conv1d that maps each position's channels alone: kernel 1, stride 1, no padding."""
-    return (isinstance(module, nn.Conv1d) and module.kernel_size == (1,) and module.stride == (1,)
-            and module.dilation == (1,) and module.padding in ((0,), "valid"))
+    """A Conv1d / Conv2d that maps each position's channels alone: kernel 1, stride 1, no padding."""
+    if not isinstance(module, _CONVS):
+        return False
+    ones = (1,) * len(module.kernel_size)
+    return (module.kernel_size == ones and module.stride == ones and module.dilation == ones
+            and (module.padding == "valid" or module.padding == (0,) * len(ones)))
 
 
-def conv_problem(module: nn.Conv1d, path: str) -> str | None:
-    """Why the conv does more than the stock `nn.Conv1d` computation (a quantised or patched
-    subclass), or None."""
+def conv_problem(module: nn.Module, path: str) -> str | None:
+    """Why the conv does more than the stock `nn.Conv1d` / `nn.Conv2d` computation (a quantised or
+    patched subclass), or None."""
+    stock = next(c for c in _CONVS if isinstance(module, c))
     cls = type(module)
-    if cls.forward is not nn.Conv1d.forward or cls._conv_forward is not nn.Conv1d._conv_forward:
-        return (f"{cls.__name__} overrides nn.Conv1d's forward (a quantised or patched convolution?) "
-                f"at {path}: the experts would copy only its weight")
+    if cls.forward is not stock.forward or cls._conv_forward is not stock._conv_forward:
+        return (f"{cls.__name__} overrides {stock.__name__}'s forward (a quantised or patched "
+                f"convolution?) at {path}: the experts would copy only its weight")
     return None
 
 
@@ -78,4 +87,5 @@ class PointwiseConvFFN(FFNPattern):
             problem = conv_problem(view.region.module(proj.node.target), proj.owner)
             if problem is not None:
                 return MatchResult.fail(problem, proj.node)
-        return self.site(view, roles, up=up, down=down, channel_dim=-2)  # Conv1d: [..., C, T]
+        channel_dim = -1 - len(view.region.module(up.node.target).kernel_size)  # [..., C, T] / [..., C, H, W]
+        return self.site(view, roles, up=up, down=down, channel_dim=channel_dim)
