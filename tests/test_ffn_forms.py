@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 
@@ -239,3 +240,67 @@ def test_shared_projections_in_different_ffns_are_a_near_miss():
     assert list(found) == []
     assert any("is called 2 times (shared weights)" in m.reason and "same dense FFN" in m.reason
                for m in found.near_misses)
+
+
+# --------------------------------------------------------------------------- named refusals
+
+
+class _MixFFN(nn.Module):
+    """SegFormer's Mix-FFN: a depthwise convolution over neighbouring tokens inside the FFN."""
+
+    def __init__(self, d: int = 16, f: int = 32):
+        super().__init__()
+        self.fc1, self.dwconv, self.fc2 = nn.Linear(d, f), nn.Conv1d(f, f, 3, padding=1, groups=f), nn.Linear(f, d)
+
+    def forward(self, x):  # x: [B, T, d]
+        h = self.dwconv(self.fc1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.fc2(F.gelu(h))
+
+
+def test_a_mix_ffn_is_a_near_miss_naming_its_token_mixing_conv():
+    model = nn.Sequential(_MixFFN()).eval()
+    found = upcycle_fx.find_mlps(model, example_inputs=(torch.randn(2, 5, 16),))
+    assert list(found) == []
+    assert [m.pattern for m in found.near_misses] == ["mixing_conv"]
+    assert "Conv1d at 0.dwconv between the FFN's projections mixes neighbouring tokens" in found.near_misses[0].reason
+    with pytest.raises(upcycle_fx.NoMLPFoundError, match="mixes neighbouring tokens"):
+        upcycle_fx.rewrite(model, example_inputs=(torch.randn(2, 5, 16),))
+
+
+class _HiddenNormFFN(nn.Module):
+    """Kosmos-2.5's text FFN: a LayerNorm on the hidden vector before the down projection."""
+
+    def __init__(self, d: int = 16, f: int = 32):
+        super().__init__()
+        self.fc1, self.act, self.norm, self.fc2 = nn.Linear(d, f), nn.GELU(), nn.LayerNorm(f), nn.Linear(f, d)
+
+    def forward(self, x):
+        return x + self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+class _Head(nn.Module):
+    """BERT's prediction head (dense -> act -> LayerNorm -> vocabulary): not an FFN, no report."""
+
+    def __init__(self, d: int = 16, vocab: int = 50):
+        super().__init__()
+        self.dense, self.act, self.norm, self.decoder = nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, x):
+        return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+def test_an_ffn_with_a_norm_on_its_hidden_vector_is_a_near_miss_naming_the_norm():
+    model = nn.Sequential(_HiddenNormFFN(), _Head()).eval()
+    found = upcycle_fx.find_mlps(model, example_inputs=(torch.randn(2, 5, 16),))
+    assert list(found) == []
+    assert [m.pattern for m in found.near_misses] == ["dense_hidden_norm"]
+    assert "a LayerNorm (0.norm) normalises the FFN's hidden vector" in found.near_misses[0].reason
+
+
+def test_bitnet_sub_norm_is_a_near_miss_naming_it():
+    config = transformers.BitNetConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2)
+    found = upcycle_fx.find_mlps(transformers.BitNetForCausalLM(config).eval())
+    assert list(found) == []
+    assert ["gated_hidden_norm"] == [m.pattern for m in found.near_misses]
+    assert "BitNetRMSNorm (model.layers.0.mlp.ffn_sub_norm)" in found.near_misses[0].reason

@@ -145,7 +145,14 @@ class FFNPattern:
         return graph
 
     def find(self, view: PatternView) -> Iterator[dict[str, fx.Node]]:
-        """Every placement of the pattern in the view, as role -> view node (tail FX node)."""
+        """Every placement of the pattern in the view, as role -> view node (tail FX node)
+        (found once per view)."""
+        if self not in view.placements:
+            view.placements[self] = list(self.placements(view))
+        return iter(view.placements[self])
+
+    def placements(self, view: PatternView) -> Iterator[dict[str, fx.Node]]:
+        """Every placement by networkx subgraph matching (a family may find its own way)."""
         matcher = isomorphism.DiGraphMatcher(
             view.graph, self.pattern_graph(),
             node_match=lambda g, p: p["label"] == ANY or g["label"] == p["label"],
@@ -168,6 +175,12 @@ class FFNPattern:
         return self._shared(view, result.site)
 
     def _check_call(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult:
+        key = (self, frozenset(roles.items()))
+        if key not in view.checked:
+            view.checked[key] = self._check_placement(view, roles)
+        return view.checked[key]
+
+    def _check_placement(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult:
         result = self.assemble(view, roles)
         if not result:
             return result

@@ -45,7 +45,9 @@ class PatternView:
     nodes: dict[fx.Node, ViewNode]         # keyed by tail fx.Node
     meaning: dict[fx.Node, NodeMeaning]    # every FX node's label
     projection_calls: Counter = field(default_factory=Counter)  # (owner, weight) -> projection nodes
-    shared: dict = field(default_factory=dict)  # the patterns' memo of weight-shared FFN calls
+    placements: dict = field(default_factory=dict)  # pattern -> its placements (found once)
+    checked: dict = field(default_factory=dict)     # (pattern, placement) -> its MatchResult
+    shared: dict = field(default_factory=dict)      # pattern -> weight-shared FFN calls by weights
 
 
 def _resolve(node: fx.Node, meaning: dict[fx.Node, NodeMeaning], via: list[fx.Node]) -> fx.Node:
