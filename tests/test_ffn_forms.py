@@ -304,3 +304,50 @@ def test_bitnet_sub_norm_is_a_near_miss_naming_it():
     assert list(found) == []
     assert ["gated_hidden_norm"] == [m.pattern for m in found.near_misses]
     assert "BitNetRMSNorm (model.layers.0.mlp.ffn_sub_norm)" in found.near_misses[0].reason
+
+
+# --------------------------------------------------------------------------- a fused gate split by a view
+
+
+class _ViewSplitGLU(nn.Module):
+    """Moshi's gating MLP: the fused output viewed as [B, T, 2, d_ff], halves by [..., i, :]."""
+
+    def __init__(self, d: int = 16, f: int = 24):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * f, bias=False), nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        b, t, _ = h.shape
+        h = h.view(b, t, 2, -1)
+        return x + self.fc2(F.silu(h[..., 0, :]) * h[..., 1, :])
+
+
+def test_a_fused_gate_split_by_a_view_converts_exactly():
+    model = nn.Sequential(_ViewSplitGLU(), _ViewSplitGLU()).eval()
+    x = torch.randn(2, 5, 16)
+    found = upcycle_fx.find_mlps(model, example_inputs=(x,))
+    assert [(m.kind, m.activation, m.d_ff) for m in found] == [("fused_gated", "silu", 24)] * 2
+    sparse = _upcycle(model, example_inputs=(x,)).model
+    assert len(upcycle_fx.moe_layers(sparse)) == 2
+    with torch.no_grad():
+        assert _max_error(sparse(x), model(x)) < TOL
+
+
+class _ViewNotHalves(nn.Module):
+    """view(b, 2, t, -1) does not split each token's vector in two halves: no FFN."""
+
+    def __init__(self, d: int = 16, f: int = 24):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * f, bias=False), nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        b, t, _ = h.shape
+        h = h.reshape(b * t * 2, 2, -1)
+        return self.fc2((F.silu(h[..., 0, :]) * h[..., 1, :]).reshape(b, t, -1)[..., :24])
+
+
+def test_a_view_that_is_not_two_halves_is_not_a_fused_gate():
+    found = upcycle_fx.find_mlps(nn.Sequential(_ViewNotHalves()).eval(), example_inputs=(torch.randn(2, 5, 16),))
+    assert list(found) == []

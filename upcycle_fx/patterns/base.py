@@ -8,6 +8,7 @@ between them. `FFNPattern.find` runs networkx subgraph matching over a `PatternV
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
 
@@ -232,6 +233,7 @@ class FFNPattern:
         for node in list(members):  # parameters read by functional projections
             if view.meaning[node].projection is not None:
                 members.update(n for n in node.all_input_nodes if n.op == "get_attr")
+        members |= _size_reads(members)
         return members
 
     def _hidden_dropout(self, view: PatternView, roles: dict[str, fx.Node]) -> MatchResult | float:
@@ -274,6 +276,31 @@ def _check_leaks(site: FFNSite) -> MatchResult | None:
             return MatchResult.fail(f"intermediate value {node.name} is also used outside the FFN "
                                     f"(by {outside[0].name})", node)
     return None
+
+
+def _size_reads(members: set[fx.Node]) -> set[fx.Node]:
+    """Nodes that read sizes of FFN values (`.shape`, `.size()`, items of them) only for FFN
+    nodes (`b, t, _ = h.shape; h.view(b, t, 2, -1)`): they belong to the FFN."""
+    found: set[fx.Node] = set()
+    frontier = [u for m in members for u in m.users if u not in members and _reads_size(u, found)]
+    while frontier:
+        node = frontier.pop()
+        if node not in found:
+            found.add(node)
+            frontier += [u for u in node.users if u not in members and _reads_size(u, found)]
+    while True:  # keep only those whose every user is the FFN's
+        escaped = {n for n in found if any(u not in members and u not in found for u in n.users)}
+        if not escaped:
+            return found
+        found -= escaped
+
+
+def _reads_size(node: fx.Node, sizes: set[fx.Node]) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:] == ("shape",)
+    if node.op == "call_method" and node.target == "size":
+        return True
+    return node.op == "call_function" and node.target is operator.getitem and node.args[0] in sizes
 
 
 def _weights_key(site: FFNSite) -> tuple:
