@@ -351,3 +351,31 @@ class _ViewNotHalves(nn.Module):
 def test_a_view_that_is_not_two_halves_is_not_a_fused_gate():
     found = upcycle_fx.find_mlps(nn.Sequential(_ViewNotHalves()).eval(), example_inputs=(torch.randn(2, 5, 16),))
     assert list(found) == []
+
+
+# --------------------------------------------------------------------------- constant multipliers
+
+
+class _ScaledGLU(nn.Module):
+    """Falcon-H1's MLP: `down(up(x) * act(gate(x) * a)) * b` with constant multipliers."""
+
+    def __init__(self, d: int = 16, f: int = 24, a: float = 0.5, b: float = 3.0, bias: bool = True):
+        super().__init__()
+        self.gate, self.up = nn.Linear(d, f, bias=bias), nn.Linear(d, f, bias=bias)
+        self.down, self.act = nn.Linear(f, d, bias=bias), nn.SiLU()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.down(self.up(x) * self.act(self.gate(x) * self.a)) * self.b
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_constant_multipliers_fold_into_the_experts(bias):
+    model = nn.Sequential(_ScaledGLU(bias=bias), _ScaledGLU(a=2.0, b=0.25, bias=bias)).eval()
+    x = torch.randn(2, 5, 16)
+    found = upcycle_fx.find_mlps(model, example_inputs=(x,))
+    assert [(m.kind, m.paths) for m in found] == [("scaled_gated", (f"{i}.gate", f"{i}.up", f"{i}.down")) for i in range(2)]
+    sparse = _upcycle(model, example_inputs=(x,)).model
+    assert all(isinstance(block, upcycle_fx.MoE) for block in sparse)
+    with torch.no_grad():
+        assert _max_error(sparse(x), model(x)) < TOL

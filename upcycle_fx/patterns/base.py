@@ -129,12 +129,13 @@ class FFNPattern:
 
     def site(self, view: PatternView, roles: dict[str, fx.Node], *, up: Projection, down: Projection,
              site_class: type[FFNSite] = FFNSite, **fields) -> MatchResult:
-        """The site of one placement whose activation has the role `act` and whose input is
-        `up`'s input (`fields`: the family's other FFNSite fields)."""
+        """The site of one placement whose activation has the role `act`, whose input is `up`'s
+        input and whose output is `down`'s (`fields`: other FFNSite fields, or these)."""
         act = view.nodes[roles["act"]]
         fields.setdefault("x", up.node.args[0])
+        fields.setdefault("y", down.node)
         return MatchResult(site_class(
-            pattern=self, activation=act.activation, up=up, down=down, y=down.node,
+            pattern=self, activation=act.activation, up=up, down=down,
             members=self.collect_members(view, roles), activation_nodes=act.members,
             region=view.region, **fields))
 
