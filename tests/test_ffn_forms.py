@@ -379,3 +379,26 @@ def test_constant_multipliers_fold_into_the_experts(bias):
     assert all(isinstance(block, upcycle_fx.MoE) for block in sparse)
     with torch.no_grad():
         assert _max_error(sparse(x), model(x)) < TOL
+
+
+# --------------------------------------------------------------------------- BLOOM
+
+
+def test_bloom_needs_nothing_structural_once_its_activation_is_known(monkeypatch):
+    """BLOOM's MLP takes the residual as a second input, so no module holds exactly the FFN:
+    the MoE takes dense_h_to_4h's place and the rest folds into it. Its only obstacle is its
+    activation module (BloomGelu), named here."""
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    from upcycle_fx.patterns import vocabulary
+
+    monkeypatch.setitem(vocabulary._registered_activations, BloomGelu, "gelu_tanh")
+    config = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(config).eval()
+    result = _upcycle(model)
+    assert [name for name, _ in upcycle_fx.moe_layers(result.model)] == [
+        f"transformer.h.{i}.mlp.dense_h_to_4h" for i in range(2)]
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _max_error(result.model(ids).logits, model(ids).logits) < TOL
