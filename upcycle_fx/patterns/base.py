@@ -8,6 +8,7 @@ between them. `FFNPattern.find` runs networkx subgraph matching over a `PatternV
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
@@ -76,9 +77,9 @@ class FFNSite:
     def dense_weights(self, model: nn.Module) -> FFNWeights:
         """The FFN's weights read from `model`, as the experts stack them (see FFNWeights)."""
         weights = self.pattern.dense_weights(self, model)
-        return FFNWeights(*(None if t is None else t.detach()
-                            for t in (weights.up, weights.up_bias, weights.down, weights.down_bias)),
-                          gated=weights.gated, up_bias_half=weights.up_bias_half)
+        return dataclasses.replace(weights, **{name: getattr(weights, name).detach() for name in
+                                               ("up", "up_bias", "down", "down_bias")
+                                               if getattr(weights, name) is not None})
 
 
 @dataclass
