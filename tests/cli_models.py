@@ -57,3 +57,17 @@ def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.Complete
 def leftovers(parent: Path) -> list[str]:
     """Hidden staging directories or files a writer left in `parent`."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+WORDS = ["[UNK]", "def", "main", "import", "numpy", "solve", "for", "x", "the", "sum", "of", "two"]
+
+
+def add_word_tokenizer(directory):
+    """A word-level tokenizer without a pad token (as Llama's) saved beside the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
+                                         model_input_names=["input_ids", "attention_mask"]
+                                         ).save_pretrained(directory)

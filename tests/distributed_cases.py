@@ -33,6 +33,11 @@ class Case:
     bf16: bool = False                # FSDP MixedPrecisionPolicy(bf16 params, fp32 reduce)
     router_std: float = 0.2
     family: str = "llama"             # or "gpt2": biased, non-gated GELU experts, tied embeddings
+    accumulation: int = 1             # micro-batches per optimizer step (gradient accumulation)
+    scoring: str = "softmax"
+    balancing: str = "loss"
+    bias_update_speed: float = 0.001
+    balance_scope: str = "micro_batch"
 
     @property
     def per_rank_routing(self) -> bool:
@@ -63,6 +68,8 @@ def build_model(case: Case) -> torch.nn.Module:
     model = upcycle_fx.rewrite(dense, num_experts=case.num_experts, top_k=2, routing=case.routing,
                                capacity_factor=case.capacity_factor, aux_loss_weight=case.aux_loss_weight,
                                z_loss_weight=case.z_loss_weight, router_init_std=case.router_std,
+                               scoring=case.scoring, balancing=case.balancing,
+                               bias_update_speed=case.bias_update_speed, balance_scope=case.balance_scope,
                                expert_noise_std=0.01, seed=0, verify=False)
     return model.train()
 
@@ -93,6 +100,17 @@ def dropped(model: torch.nn.Module) -> int:
     return sum(int(m.last_dropped) for _, m in upcycle_fx.moe_layers(model))
 
 
+def micro_batches(ids: torch.Tensor, world: int, accumulation: int) -> list[torch.Tensor]:
+    """The single-process micro-batches of a data-parallel step with gradient accumulation:
+    micro-batch m holds every rank's m-th micro-batch (rank r's rows are ids.chunk(world)[r])."""
+    shards = [shard.chunk(accumulation) for shard in ids.chunk(world)]
+    return [torch.cat([shard[m] for shard in shards]) for m in range(accumulation)]
+
+
+def biases(model: torch.nn.Module) -> list[list[float]]:
+    return [m.expert_bias.tolist() for _, m in upcycle_fx.moe_layers(model) if "expert_bias" in m._buffers]
+
+
 def reference_run(case: Case, world: int) -> dict:
     """Single-process training on the global batch: one forward for dropless top-k; for capacity
     routings one forward per rank's share with the gradients accumulated (what routing within
@@ -103,7 +121,18 @@ def reference_run(case: Case, world: int) -> dict:
     for step in range(case.steps):
         optimizer.zero_grad()
         ids = global_batch(step)
-        if case.per_rank_routing:
+        if case.accumulation > 1:
+            total, aux_total = 0.0, 0.0
+            for micro in micro_batches(ids, world, case.accumulation):
+                loss, aux = step_loss(model, micro)
+                (loss / case.accumulation).backward()
+                total += float(loss.detach()) / case.accumulation
+                aux_total += float(aux.detach()) / case.accumulation
+            record["loss"].append(total)
+            record["aux"].append(aux_total)
+            record["loads"].append(loads(model))
+            record["dropped"].append(dropped(model))
+        elif case.per_rank_routing:
             total, aux_total, step_loads, step_dropped = 0.0, 0.0, None, 0
             for shard in ids.chunk(world):
                 loss, aux = step_loss(model, shard)
@@ -130,6 +159,7 @@ def reference_run(case: Case, world: int) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip)
         optimizer.step()
     record["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record["biases"] = biases(model)
     record["model"] = model
     return record
 
@@ -154,3 +184,12 @@ CASES = {case.name: case for case in [
 TWO_RANK_CASES = ["fsdp_sgd", "ep_sgd", "fsdp_adamw", "ep_adamw", "ep_expert_choice", "fsdp_expert_choice",
                   "ep_capacity", "ep_bf16", "ep_gpt2"]
 FOUR_RANK_CASES = ["grid_sgd", "ep4_sgd", "grid_e2_sgd"]
+# Gradient accumulation over 2 micro-batches on 2 ranks, the load-balancing loss over the global
+# batch and sigmoid scores with bias balancing (run by tests/test_global_batch_balance.py).
+BALANCE_CASES = {case.name: case for case in [
+    Case("fsdp_global_bias", expert_parallel=False, accumulation=2, balance_scope="global_batch",
+         scoring="sigmoid", balancing="bias", bias_update_speed=0.01, aux_loss_weight=0.1),
+    Case("ep_global_batch", expert_parallel=True, accumulation=2, balance_scope="global_batch",
+         aux_loss_weight=0.1),
+]}
+CASES.update(BALANCE_CASES)

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import upcycle_fx  # noqa: E402
 from upcycle_fx import distributed as ud  # noqa: E402
 
-from distributed_cases import (CASES, Case, build_model, dropped, global_batch, loads,  # noqa: E402
-                               make_optimizer, step_loss)
+from distributed_cases import (CASES, Case, biases, build_model, dropped, global_batch,  # noqa: E402
+                               loads, make_optimizer, step_loss)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -58,11 +58,16 @@ def train(case: Case, model, optimizer, mesh, steps: range) -> dict:
     for step in steps:
         optimizer.zero_grad()
         ids = global_batch(step).chunk(world)[rank]
-        loss, aux = step_loss(model, ids)
-        loss.backward()
-        record["loss"].append(mean_over_ranks(loss.float()))
-        record["aux"].append(float(aux.detach()))
-        record["aux_agree"].append(same_on_all_ranks(aux.detach().float()))
+        total, aux_total, agree = 0.0, 0.0, True
+        for micro in ids.chunk(case.accumulation):  # gradient accumulation (1: the whole share)
+            loss, aux = step_loss(model, micro)
+            (loss / case.accumulation).backward()
+            total += mean_over_ranks(loss.float()) / case.accumulation
+            aux_total += float(aux.detach()) / case.accumulation
+            agree = agree and same_on_all_ranks(aux.detach().float())
+        record["loss"].append(total)
+        record["aux"].append(aux_total)
+        record["aux_agree"].append(agree)
         record["loads"].append(loads(model))
         record["dropped"].append(dropped(model))
         if step == 0:
@@ -72,6 +77,7 @@ def train(case: Case, model, optimizer, mesh, steps: range) -> dict:
             ud.clip_grad_norm_(model.parameters(), case.clip)
         optimizer.step()
     record["params"] = {n: full(p) for n, p in model.named_parameters()}
+    record["biases"] = biases(model)
     record["placements"] = {n: (str(p.placements), tuple(p.to_local().shape))
                             for n, p in model.named_parameters() if isinstance(p, DTensor)}
     return record

@@ -118,7 +118,10 @@ def test_manifest_describes_the_rewrite(tmp_path):
         ("transformer.h.1.mlp.c_fc", 1, 4), ("transformer.h.3.mlp.c_fc", 3, 4)]
     assert manifest["moe_layers"][0]["settings"] == {
         "top_k": 2, "routing": "top_k", "capacity_factor": None, "normalize_weights": False,
-        "aux_loss_weight": 0.02, "z_loss_weight": 0.0}
+        "aux_loss_weight": 0.02, "z_loss_weight": 0.0, "granularity": 1, "num_shared_experts": 0,
+        "shared_expert_gate": False, "scoring": "softmax", "balancing": "loss",
+        "bias_update_speed": 0.001, "balance_scope": "micro_batch", "routed_scaling_factor": 1.0,
+        "weight_scaling": False}
     assert manifest["folded"] == {"transformer.h.1.mlp.act": "transformer.h.1.mlp.c_fc",
                                   "transformer.h.1.mlp.c_proj": "transformer.h.1.mlp.c_fc",
                                   "transformer.h.3.mlp.act": "transformer.h.3.mlp.c_fc",

@@ -54,3 +54,14 @@ def test_module_entry_point_runs():
     """`python -m upcycle_fx --help` works (the console script calls the same main)."""
     result = subprocess.run([sys.executable, "-m", "upcycle_fx", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "inspect" in result.stdout and "rewrite" in result.stdout
+
+
+def test_rewrite_of_a_model_whose_tokenizer_has_no_pad_token(tmp_path):
+    """Llama-style tokenizers have no pad token; the sample input must not need one."""
+    from tests.cli_models import add_word_tokenizer, llama_dir, run_cli
+
+    model = llama_dir(tmp_path / "llama")
+    add_word_tokenizer(model)
+    done = run_cli("rewrite", model, "--experts", "4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

@@ -29,9 +29,19 @@ FLAGS = {
     "router_init_std": (["--router-init-std", "0.5"], 0.5),
     "expert_noise_std": (["--expert-noise-std", "0.1"], 0.1),
     "expert_init": (["--expert-init", "random"], "random"),
+    "drop_ratio": (["--expert-init", "drop", "--drop-ratio", "0.25"], 0.25),
+    "granularity": (["--granularity", "2"], 2),
+    "num_shared_experts": (["--shared-experts", "1"], 1),
+    "shared_expert_gate": (["--shared-experts", "1", "--shared-expert-gate"], True),
     "aux_loss_weight": (["--aux-loss-weight", "0.5"], 0.5),
     "z_loss_weight": (["--z-loss-weight", "0.001"], 0.001),
     "seed": (["--seed", "7"], 7),
+    "scoring": (["--scoring", "sigmoid"], "sigmoid"),
+    "balancing": (["--balancing", "bias"], "bias"),
+    "bias_update_speed": (["--bias-update-speed", "0.01"], 0.01),
+    "balance_scope": (["--balance-scope", "global_batch"], "global_batch"),
+    "routed_scaling_factor": (["--routed-scaling-factor", "2.5"], 2.5),
+    "weight_scaling": (["--weight-scaling", "--no-normalize"], True),
 }
 EXAMPLE_RECIPE = REPO / "examples" / "recipes" / "llama-8x2.yaml"
 

@@ -29,11 +29,21 @@ BAD_VALUES = {
     "expert_init": ["zeros", None, 1, "COPY"],
     "aux_loss_weight": [math.nan, math.inf, -0.01, "0.01", None, True],
     "z_loss_weight": [math.nan, -math.inf, -1.0, "0", None, True],
+    "scoring": ["tanh", "Sigmoid", None, 1, ["softmax"]],
+    "balancing": ["aux_loss", None, 0, ["bias"]],
+    "bias_update_speed": [math.nan, math.inf, -1e-3, "0.001", None, True],
+    "balance_scope": ["global", None, 1, ["global_batch"]],
+    "routed_scaling_factor": [0.0, -1.0, math.nan, math.inf, "1", None, True],
+    "weight_scaling": [True, "yes", None, 1],
     "example_inputs": ["some text", 3, object(), (), {}, [None], ("a", 1)],
     "inplace": ["no", "False", 1, 0, None, 1.0],
     "seed": ["abc", -1, 1.5, True, 2**64, math.nan],
     "leaf_modules": ["Linear", nn.Linear, [3], [object], 5, None, [nn.Linear(2, 2)]],
     "verify": ["yes", 1, None],
+    "drop_ratio": [math.nan, -0.1, 1.5, "0.5", True, 0.5],   # 0.5: only with expert_init="drop"
+    "granularity": [0, -1, 2.0, "2", True, None, 3],          # 3: 8 experts are not 3 segments' copies
+    "num_shared_experts": [-1, 1.0, "1", True, None, 4097],
+    "shared_expert_gate": [1, "yes", None, True],             # True: no shared expert to gate
 }
 CASES = [(name, value) for name, values in BAD_VALUES.items() for value in values]
 

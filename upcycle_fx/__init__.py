@@ -8,7 +8,12 @@ from .config import UpcycleConfig
 from .errors import (AlreadyMoEError, CaptureError, NoMLPFoundError, NoMLPSelectedError,
                      RewriteError, UpcycleConfigError, UpcycleError)
 from .moe import MoE
+from .moe.balancing import after_optimizer_step, register_balancer
+from .moe.scoring import register_scorer
 from .passes import FoldedIntoMoE, MLPMatch
+from .passes.decisions import Decision
+from .moe.expert_init import register_expert_init
+from .passes.stack_routing import NonCausalRoutingWarning
 from .patterns import register_activation
 from .exporters.checkpoint import load, save
 from .exporters.errors import (CheckpointError, CheckpointMismatchError, HFFormatError,
@@ -18,6 +23,7 @@ from .exporters.errors import (CheckpointDtypeError, CheckpointWriteError, Inter
                                OutputOverlapsInputError, ShardSizeError, TerminatedDuringWriteError)
 from .exporters.streaming import ConversionReport, convert_checkpoint
 from .exporters.onnx import OnnxExportError, export_onnx
+from .merge import ExpertSourceError, merge_experts
 from .integrations import aux_loss_in_output, register_with_transformers, set_aux_loss_in_output
 
 __version__ = "0.1.0"
@@ -32,7 +38,8 @@ __all__ = [
     "set_aux_loss_in_output", "aux_loss_in_output", "MoECallback",
     "CheckpointDtypeError", "CheckpointWriteError", "InterruptedReplaceError", "LeftoverOutputWarning",
     "ManifestError", "NotACheckpointError", "OutputOverlapsInputError", "ShardSizeError",
-    "TerminatedDuringWriteError",
+    "TerminatedDuringWriteError", "merge_experts", "ExpertSourceError", "Decision", "NonCausalRoutingWarning",
+    "after_optimizer_step", "register_scorer", "register_balancer", "register_expert_init",
 ]
 
 register_with_transformers()  # from_pretrained of saved upcycled models; transformers stays unimported

@@ -22,6 +22,9 @@ from .config import PatternSpec, UpcycleConfig, check_bool
 from .errors import NoMLPFoundError, UpcycleConfigError
 from .passes import MLPList, MLPMatch, select_mlps, upcycle_matches
 from .passes.already_moe import refuse_moe_models
+from .passes.decisions import decide, nothing_found_message
+from .passes.stack_routing import check_routing
+from .passes.upcycle import check_layouts
 from .passes.verify import preserves_function, run_upcycled, verify_upcycled
 from .passes import find_mlps as _find_mlps
 from .report import count_parameters
@@ -64,16 +67,21 @@ def _leaf_policy(leaf_modules) -> LeafPolicy | None:
     return LeafPolicy(leaf_classes=classes, leaf_names=names)
 
 
-def find_mlps(model: nn.Module, example_inputs: Any = None, *, leaf_modules=()) -> MLPList:
+def find_mlps(model: nn.Module, example_inputs: Any = None, *, leaf_modules=(),
+              pattern: PatternSpec = "every_other_mlp") -> MLPList:
     """Dry run: the FFNs found, in execution order, with kind, d_model, d_ff, activation and
-    module paths. Nothing is rewritten. `.near_misses` / `.capture_failures` say what was
-    rejected and why. MoE models are refused (`AlreadyMoEError`)."""
+    module paths. Nothing is rewritten. `.decisions` (and `.explain()`) say for every candidate
+    whether `pattern` selects it, leaves it, or why it is rejected; `.near_misses` /
+    `.capture_failures` are the raw diagnostics. MoE models are refused (`AlreadyMoEError`)."""
     _check_model(model, "find_mlps")
     check_example_inputs(example_inputs)
     policy = _leaf_policy(leaf_modules)
+    UpcycleConfig(pattern=pattern)  # the pattern checked as rewrite checks it, before any work
     refuse_moe_models(model)
     with left_as_found(model):
-        return _find_mlps(model, example_inputs, policy)
+        mlps = _find_mlps(model, example_inputs, policy)
+        mlps.decisions = decide(model, mlps, pattern)
+    return mlps
 
 
 def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_inputs: Any = None,
@@ -91,10 +99,12 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, example_in
     check_bool("inplace", inplace)
     check_bool("verify", verify)
     config = config or UpcycleConfig()
-    mlps = find_mlps(model, example_inputs, leaf_modules=leaf_modules)
+    mlps = find_mlps(model, example_inputs, leaf_modules=leaf_modules, pattern=config.pattern)
     if not mlps:
-        raise NoMLPFoundError(_nothing_found(model, mlps))
+        raise NoMLPFoundError(nothing_found_message(model, mlps))
     chosen = select_mlps(mlps, config.pattern)
+    check_routing(model, mlps, chosen, config)
+    check_layouts(chosen, config)
     _check_memory(model, chosen, config, inplace)
     params_before = count_parameters(model)
     inputs, unverified, preserves = None, None, preserves_function(config)
@@ -128,19 +138,30 @@ def rewrite(model: nn.Module, pattern: PatternSpec = "every_other_mlp", *, num_e
             top_k: int = 2, routing: str = "top_k", capacity_factor: float | None = None,
             normalize_weights: bool = True, router_init_std: float = 0.02,
             expert_noise_std: float = 0.0, expert_init: str = "copy", aux_loss_weight: float = 0.01,
-            z_loss_weight: float = 0.0, example_inputs: Any = None, inplace: bool = False,
-            seed: int | None = None, leaf_modules=(), verify: bool = True) -> nn.Module:
+            z_loss_weight: float = 0.0, scoring: str = "softmax", balancing: str = "loss",
+            bias_update_speed: float = 0.001, balance_scope: str = "micro_batch",
+            routed_scaling_factor: float = 1.0, weight_scaling: bool = False,
+            example_inputs: Any = None, inplace: bool = False,
+            seed: int | None = None, leaf_modules=(), verify: bool = True, drop_ratio: float | None = None,
+            granularity: int = 1, num_shared_experts: int = 0, shared_expert_gate: bool = False) -> nn.Module:
     """Turn the selected FFNs of `model` into `upcycle_fx.MoE` layers (see DESIGN §3).
 
     With `normalize_weights=True` (default) and no noise, the result computes exactly what
-    `model` computes. The input is left untouched unless `inplace=True`.
+    `model` computes. The input is left untouched unless `inplace=True`. Fine-grained and
+    shared experts, Drop-Upcycling and the routing options (`scoring`, `balancing`,
+    `bias_update_speed`, `balance_scope`, `routed_scaling_factor`, `weight_scaling`): see
+    `UpcycleConfig`.
     """
     _check_model(model, "rewrite")
     config = UpcycleConfig(pattern=pattern, num_experts=num_experts, top_k=top_k, routing=routing,
                            capacity_factor=capacity_factor, normalize_weights=normalize_weights,
                            router_init_std=router_init_std, expert_noise_std=expert_noise_std,
-                           expert_init=expert_init,
-                           aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight, seed=seed)
+                           expert_init=expert_init, drop_ratio=drop_ratio, granularity=granularity,
+                           num_shared_experts=num_shared_experts, shared_expert_gate=shared_expert_gate,
+                           aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight,
+                           scoring=scoring, balancing=balancing, bias_update_speed=bias_update_speed,
+                           balance_scope=balance_scope, routed_scaling_factor=routed_scaling_factor,
+                           weight_scaling=weight_scaling, seed=seed)
     return upcycle(model, config, example_inputs=example_inputs, inplace=inplace,
                    leaf_modules=leaf_modules, verify=verify).model
 
@@ -170,7 +191,8 @@ def _check_memory(model: nn.Module, chosen: list[MLPMatch], config: UpcycleConfi
     if weight is None or weight.device.type == "meta":
         return
     itemsize = weight.element_size()
-    needed = sum((config.num_experts - 1) * m.num_parameters + config.num_experts * m.d_model
+    copies = (config.num_experts + config.num_shared_experts) / config.granularity  # FFNs' worth
+    needed = sum((copies - 1) * m.num_parameters + config.num_experts * m.d_model
                  for m in chosen) * itemsize
     if not inplace:
         needed += count_parameters(model) * itemsize
@@ -185,16 +207,3 @@ def _check_memory(model: nn.Module, chosen: list[MLPMatch], config: UpcycleConfi
             f"num_experts={config.num_experts} over {len(chosen)} FFNs needs about "
             f"{needed / 2**30:,.1f} GiB on {weight.device}, which has {available / 2**30:,.1f} GiB "
             "in all; lower num_experts or convert fewer FFNs (pattern=).")
-
-
-def _nothing_found(model: nn.Module, mlps: MLPList) -> str:
-    lines = [f"{type(model).__name__}: no FFN (Linear -> activation -> Linear, gated or fused "
-             "gated) was found."]
-    for miss in mlps.near_misses[:5]:
-        lines.append(f"  rejected {miss.pattern} candidate in {miss.region or '<model>'}: {miss.reason}")
-    for path, reason in mlps.capture_failures[:5]:
-        lines.append(f"  could not capture {path or '<model>'}: {reason}")
-    lines.append("If the model has an FFN, pass example_inputs= so it can be captured, mark "
-                 "opaque modules with leaf_modules=, or register its activation with "
-                 "upcycle_fx.register_activation.")
-    return "\n".join(lines)

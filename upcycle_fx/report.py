@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .moe import MoE
+from .moe import MoE, MoESettings
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -49,20 +49,32 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).abs().max() / scale.double())
 
 
+def routing_text(settings: MoESettings) -> str:
+    """One layer's routing in words: "top_k (k=2)", "expert_choice (capacity 2.0)"."""
+    if settings.routing == "expert_choice":
+        return f"expert_choice (capacity {settings.capacity:g})"
+    dropless = "" if settings.capacity is None else f", capacity {settings.capacity:g}"
+    return f"{settings.routing} (k={settings.top_k}{dropless})"
+
+
 @dataclass
 class UpcycleReport:
+    """What a conversion did; `routing`: (FFN module path, routing in words) per converted FFN."""
+
     ffns_found: int
     ffns_converted: int
     params_before: int
     params_after: int
     active_params_after: float
     max_relative_error: float | None = None
+    routing: tuple[tuple[str, str], ...] = ()
 
     def rows(self) -> list[tuple[str, str]]:
         rows = [("FFNs found", str(self.ffns_found)), ("FFNs converted", str(self.ffns_converted)),
                 ("parameters before", f"{self.params_before:,}"),
                 ("parameters after", f"{self.params_after:,}"),
                 ("active parameters per token", f"{self.active_params_after:,.0f}")]
+        rows += [(f"routing of {path}", text) for path, text in self.routing]
         if self.max_relative_error is not None:
             rows.append(("max relative error vs dense", f"{self.max_relative_error:.2e}"))
         return rows

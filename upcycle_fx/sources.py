@@ -151,7 +151,9 @@ def _sample_inputs(model: nn.Module, directory: pathlib.Path) -> ModelInputs:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        batch = tokenizer(list(SAMPLE_SENTENCES), padding=True, return_tensors="pt")
+        # Llama-style tokenizers have no pad token: one sentence needs no padding.
+        sentences = list(SAMPLE_SENTENCES) if tokenizer.pad_token is not None else list(SAMPLE_SENTENCES[:1])
+        batch = tokenizer(sentences, padding=len(sentences) > 1, return_tensors="pt")
         inputs = ModelInputs((), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
         if getattr(model.config, "is_encoder_decoder", False):
             inputs.kwargs["decoder_input_ids"] = batch["input_ids"][:, :4]

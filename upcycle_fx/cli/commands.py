@@ -15,13 +15,13 @@ import torch
 
 from .. import api
 from ..config import UpcycleConfig
-from ..errors import UpcycleError
-from ..passes import select_mlps
+from ..passes.stack_routing import DEFAULT_ROUTING, check_routing, routing_rows, routing_spec_text
 from ..passes.verify import preserves_function
 from ..report import UpcycleReport, active_parameters, count_parameters, first_tensor, relative_error
 from ..sources import NATIVE_MANIFEST, ModelSourceError, declared_dtype, load_pretrained, model_directory
 from .check import check_written_model, tolerance
-from .display import ProgressBars, console, mlp_table, onnx_table, progress_bars, report_table, step
+from .display import (ProgressBars, console, decision_notes, decision_table, mlp_table, onnx_table, progress_bars,
+                      report_table, step)
 from .errors import CheckFailedError, UsageError
 from .safety import check_onnx_output, check_output_directory, shard_size
 
@@ -52,8 +52,13 @@ def upcycle_config(args) -> UpcycleConfig:
                          top_k=args.top_k, routing=args.routing, capacity_factor=args.capacity_factor,
                          normalize_weights=args.normalize_weights, router_init_std=args.router_init_std,
                          expert_noise_std=args.expert_noise_std, expert_init=args.expert_init,
+                         drop_ratio=args.drop_ratio, granularity=args.granularity,
+                         num_shared_experts=args.num_shared_experts, shared_expert_gate=args.shared_expert_gate,
                          aux_loss_weight=args.aux_loss_weight, z_loss_weight=args.z_loss_weight,
-                         seed=args.seed)
+                         scoring=args.scoring, balancing=args.balancing,
+                         bias_update_speed=args.bias_update_speed, balance_scope=args.balance_scope,
+                         routed_scaling_factor=args.routed_scaling_factor,
+                         weight_scaling=args.weight_scaling, seed=args.seed)
 
 
 def output_dtype(name: str) -> torch.dtype | None:
@@ -80,17 +85,21 @@ def checked_device(name: str) -> str:
 
 
 def cmd_inspect(args) -> int:
+    """Every FFN candidate and its fate under --pattern (and, with --routing, each one's routing)."""
     pattern = parse_pattern(args.pattern)
+    config = UpcycleConfig(pattern=pattern, routing=args.routing)  # checked before loading
     source = model_directory(args.model)
     with step("loading model"):
         loaded = load_pretrained(source)
     with step("capturing and matching FFNs"):
-        mlps = api.find_mlps(loaded.model)
-    try:
-        selected = select_mlps(mlps, pattern) if mlps else []
-    except UpcycleError:
-        selected = []
-    console.print(mlp_table(mlps, selected))
+        mlps = api.find_mlps(loaded.model, pattern=pattern)
+    routing = None
+    if args.routing != DEFAULT_ROUTING:
+        chosen = [d.match for d in mlps.decisions if d.status == "selected"]
+        routing = check_routing(loaded.model, mlps, chosen, config)
+    console.print(decision_table(mlps, routing))
+    for line in decision_notes(mlps):
+        console.print(line, highlight=False)
     for path, reason in mlps.capture_failures:
         console.print(f"[yellow]not captured[/] {path or '<model>'}: {reason}")
     return 0
@@ -118,7 +127,8 @@ def cmd_rewrite(args) -> int:
         sparse = first_tensor(loaded.sample.call(result.model.eval()))
         error = relative_error(sparse, dense)
     report = UpcycleReport(len(result.mlps), len(result.converted), result.params_before,
-                           count_parameters(result.model), active_parameters(result.model), error)
+                           count_parameters(result.model), active_parameters(result.model), error,
+                           routing_rows(config, result.converted))
     return _print_report(report, f"{loaded.name}: upcycled", config, tolerance(dense.dtype),
                          str(dense.dtype)[6:])
 
@@ -127,7 +137,7 @@ def _print_report(report: UpcycleReport, title: str, config: UpcycleConfig, limi
                   measured_in: str, written: Path | None = None) -> int:
     """The report table; CheckFailedError when a function-preserving conversion is off by more
     than `limit` (the tolerance of the dtype the error was `measured_in`)."""
-    console.print(report_table(report, f"{title} ({config.routing}, E={config.num_experts}, "
+    console.print(report_table(report, f"{title} ({routing_spec_text(config.routing)}, E={config.num_experts}, "
                                        f"k={config.top_k})"))
     error = report.max_relative_error
     if error is not None and preserves_function(config) and not error <= limit:
@@ -176,7 +186,7 @@ def _rewrite_to_directory(args, source: Path, out: Path, config: UpcycleConfig,
     console.print(mlp_table(mlps, converted))
     check = None if args.no_check else check_written_model(source, out, args.format, device=device)
     report = UpcycleReport(len(mlps), len(converted), *counts[2:],
-                           None if check is None else check.max_relative_error)
+                           None if check is None else check.max_relative_error, routing_rows(config, converted))
     return _print_report(report, f"{source.name}: upcycled into {out} ({args.format})", config,
                          check.tolerance if check else 0.0, "float32, layer by layer", written=out)
 

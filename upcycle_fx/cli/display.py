@@ -28,15 +28,56 @@ def step(what: str):
     console.print(f"[green]✓[/] {what} ({time.perf_counter() - start:.1f} s)")
 
 
-def mlp_table(mlps, selected=()) -> Table:
+MODULE_WIDTH = 40   # the module column is at least this wide (or as wide as its longest path)
+SHORT_WIDTH = 16    # other columns of the decision table: at least as wide as their text, up to this
+CONVERT = {"selected": "yes", "not selected": "no", "rejected": "rejected"}
+
+
+def mlp_table(mlps, selected=(), routing: dict[int, str] | None = None) -> Table:
+    """The FFNs found; `routing`: FFN index -> routing of the converted ones (a column)."""
     chosen = {m.index for m in selected}
     table = Table(title=f"{len(mlps)} FFNs found")
-    for column in ("#", "module", "kind", "activation", "d_model", "d_ff", "convert"):
+    columns = ("#", "module", "kind", "activation", "d_model", "d_ff", "convert") + (("routing",) if routing else ())
+    for column in columns:
         table.add_column(column, overflow="fold")
     for m in mlps:
-        table.add_row(str(m.index), m.path or "<model>", m.kind, m.activation, str(m.d_model),
-                      str(m.d_ff), "yes" if m.index in chosen else "")
+        row = [str(m.index), m.path or "<model>", m.kind, m.activation, str(m.d_model), str(m.d_ff),
+               "yes" if m.index in chosen else ""]
+        table.add_row(*row, *((routing.get(m.index, ""),) if routing else ()))
     return table
+
+
+def decision_table(mlps, routing: dict[int, str] | None = None) -> Table:
+    """Every candidate (`MLPList.decisions`): convert yes / no / rejected, and why in a few words
+    (the full reasons: `decision_notes`); `routing`: FFN index -> routing of the selected ones."""
+    rejected = sum(d.status == "rejected" for d in mlps.decisions)
+    table = Table(title=f"{len(mlps)} FFNs found, {rejected} candidate(s) rejected")
+    columns = ("#", "module", "kind", "activation", "d_model", "d_ff", "convert", "why")
+    rows = []
+    for d in mlps.decisions:
+        m = d.match
+        sizes = (str(m.d_model), str(m.d_ff)) if m is not None else ("", "")
+        row = ["-" if m is None else str(m.index), d.where, d.kind, d.activation, *sizes,
+               CONVERT[d.status], d.note or "see below"]
+        if routing:
+            row.append(routing.get(d.index, "") if d.status == "selected" else "")
+        rows.append(row)
+    for i, column in enumerate(columns + (("routing",) if routing else ())):
+        # short columns never wrap; module paths stay whole where they fit
+        widest = max([len(column)] + [len(row[i]) for row in rows])
+        table.add_column(column, overflow="fold",
+                         min_width=min(widest, MODULE_WIDTH if column == "module" else SHORT_WIDTH))
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def decision_notes(mlps) -> list[str]:
+    """The lines printed under the decision table: the pattern's rule once, each rejection in full."""
+    rules = list(dict.fromkeys(d.reason.split(";")[0] for d in mlps.decisions if d.status != "rejected"))
+    lines = [f"[dim]{rule}[/]" for rule in rules[:1] if not rule.startswith("pattern [")]
+    lines += [f"[yellow]rejected[/] {d.where}: {d.reason}" for d in mlps.decisions if d.status == "rejected"]
+    return lines
 
 
 def report_table(report: UpcycleReport, title: str) -> Table:

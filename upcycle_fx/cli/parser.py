@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from ..config import EXPERT_INITS, ROUTINGS, UpcycleConfig
+from ..config import ROUTINGS, UpcycleConfig
+from ..moe.balancing import BALANCERS
+from ..moe.expert_init import DEFAULT_DROP_RATIO, expert_init_names
+from ..moe.options import BALANCE_SCOPES
+from ..moe.scoring import SCORERS
 from .display import console
 from .recipe import recipe_defaults
 
@@ -37,6 +41,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     inspect = _command(sub, "inspect", "list the FFNs found (dry run)")
     inspect.add_argument("model", nargs="?", help=MODEL_HELP)
     _add_pattern(inspect)
+    _add_routing(inspect)
     _add_recipe(inspect)
 
     rewrite = _command(sub, "rewrite", "convert FFNs to MoE and report; with --out, write the model")
@@ -73,6 +78,12 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     _add_dtype(convert)
     _add_output_options(convert, default_format="hf")
     _add_recipe(convert)
+    merge = _command(sub, "merge", "one MoE model from a base and several fine-tunes (one expert each)")
+    merge.add_argument("recipe_file", metavar="RECIPE.yaml",
+                       help="base_model, experts (source_model, positive_prompts), gate_mode, rest, "
+                            "and rewrite options such as top_k (mergekit-moe's layout)")
+    merge.add_argument("out", metavar="OUT", help="the directory to write (new or empty; never an input)")
+    _add_output_options(merge, default_format="native")
     parser.commands = sub.choices
     return parser
 
@@ -99,14 +110,43 @@ def _add_pattern(parser: argparse.ArgumentParser) -> None:
                              "(execution order, see inspect)")
 
 
+def parse_routing(value):
+    """--routing: a name (top_k, expert_choice), or per stack / FFN index: encoder=expert_choice,
+    decoder=top_k or 0=top_k,1=expert_choice (a recipe may give a mapping). Whether the stacks
+    exist is checked once the model is loaded."""
+    if isinstance(value, dict):
+        routing = dict(value)
+    elif "=" not in value:
+        routing = {None: value}
+    else:
+        routing = {}
+        for item in value.split(","):
+            key, sep, name = (part.strip() for part in item.partition("="))
+            if not sep or not key or not name or "=" in name:
+                raise argparse.ArgumentTypeError(
+                    f"{value!r}: write STACK=ROUTING pairs separated by commas, e.g. "
+                    "encoder=expert_choice,decoder=top_k")
+            routing[int(key) if key.isdigit() else key] = name
+    for name in routing.values():
+        if name not in ROUTINGS:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(ROUTINGS)}")
+    return routing.get(None, value) if None in routing else routing
+
+
+def _add_routing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--routing", type=parse_routing, default=DEFAULTS.routing, metavar="ROUTING",
+                        help=f"{' or '.join(ROUTINGS)} for every FFN (top_k for decoders; expert_choice "
+                             "for encoders and vision), or per stack of blocks / FFN index, e.g. "
+                             "encoder=expert_choice,decoder=top_k (stacks: see inspect)")
+
+
 def _add_upcycle_options(parser: argparse.ArgumentParser) -> None:
     """The options of the rewrite itself: one per UpcycleConfig field, same name and default."""
     _add_pattern(parser)
     parser.add_argument("--experts", "--num-experts", dest="num_experts", type=int, metavar="E",
                         default=DEFAULTS.num_experts, help="experts per MoE layer")
     parser.add_argument("--top-k", type=int, metavar="K", default=DEFAULTS.top_k, help="experts each token uses")
-    parser.add_argument("--routing", choices=ROUTINGS, default=DEFAULTS.routing,
-                        help="top_k for decoders; expert_choice for encoders and vision")
+    _add_routing(parser)
     parser.add_argument("--capacity-factor", type=float, metavar="C", default=DEFAULTS.capacity_factor,
                         help="per-expert token capacity (drops tokens: not function-preserving) "
                              "(default: dropless)")
@@ -120,13 +160,54 @@ def _add_upcycle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-noise-std", type=float, metavar="X", default=DEFAULTS.expert_noise_std,
                         help="relative std of noise added to each expert copy (breaks symmetry; not "
                              "function-preserving)")
-    parser.add_argument("--expert-init", choices=EXPERT_INITS, default=DEFAULTS.expert_init,
-                        help="copy: sparse upcycling; random: re-initialise every expert (ablation)")
+    parser.add_argument("--expert-init", choices=expert_init_names(), default=DEFAULTS.expert_init,
+                        help="copy: sparse upcycling; random: re-initialise every expert (ablation); "
+                             "drop: Drop-Upcycling, each expert re-draws a share of its hidden units "
+                             "(not function-preserving)")
+    parser.add_argument("--drop-ratio", type=float, metavar="R", default=DEFAULTS.drop_ratio,
+                        help=f"with --expert-init drop: the share of hidden units each expert re-draws "
+                             f"(default: {DEFAULT_DROP_RATIO})")
+    parser.add_argument("--granularity", type=int, metavar="G", default=DEFAULTS.granularity,
+                        help="fine-grained experts: split each FFN into G segments; --experts and --top-k "
+                             "count these d_ff/G-wide experts (function-preserving when --top-k is a "
+                             "multiple of G, or of G minus the shared experts)")
+    parser.add_argument("--shared-experts", dest="num_shared_experts", type=int, metavar="N",
+                        default=DEFAULTS.num_shared_experts,
+                        help="always-active experts beside the routed ones (segments of the FFN, or copies "
+                             "with --granularity 1)")
+    parser.add_argument("--shared-expert-gate", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS.shared_expert_gate,
+                        help="multiply the shared experts by a sigmoid gate, as Qwen2-MoE does (needed for "
+                             "--format hf)")
     parser.add_argument("--aux-loss-weight", type=float, metavar="X", default=DEFAULTS.aux_loss_weight,
                         help="weight of the load-balancing loss recorded for training")
     parser.add_argument("--z-loss-weight", type=float, metavar="X", default=DEFAULTS.z_loss_weight,
                         help="weight of the router z-loss recorded for training")
+    _add_routing_options(parser)
     parser.add_argument("--seed", type=int, metavar="N", default=0, help="seed of the router and noise initialisation")
+
+
+def _add_routing_options(parser: argparse.ArgumentParser) -> None:
+    """Scorer, balancer and weight scaling (UpcycleConfig fields of the same names)."""
+    parser.add_argument("--scoring", choices=sorted(SCORERS), default=DEFAULTS.scoring,
+                        help="router scores: softmax over the experts, or sigmoid per expert "
+                             "(DeepSeek-V3; function-preserving with --normalize)")
+    parser.add_argument("--balancing", choices=sorted(BALANCERS), default=DEFAULTS.balancing,
+                        help="loss: the load-balancing loss; bias: a per-expert selection bias "
+                             "updated after each optimizer step (DeepSeek-V3; the loss is still "
+                             "added unless --aux-loss-weight 0)")
+    parser.add_argument("--bias-update-speed", type=float, metavar="X", default=DEFAULTS.bias_update_speed,
+                        help="step of the bias update with --balancing bias")
+    parser.add_argument("--balance-scope", choices=BALANCE_SCOPES, default=DEFAULTS.balance_scope,
+                        help="global_batch: the load-balancing loss counts expert loads over all "
+                             "micro-batches and ranks of an optimizer step")
+    parser.add_argument("--routed-scaling-factor", type=float, metavar="X",
+                        default=DEFAULTS.routed_scaling_factor,
+                        help="factor on the combine weights (not function-preserving unless 1)")
+    parser.add_argument("--weight-scaling", action=argparse.BooleanOptionalAction,
+                        default=DEFAULTS.weight_scaling,
+                        help="with --no-normalize: scale the top-k weights by E/k (softmax) or 2/k "
+                             "(sigmoid) so that uniform routing computes the dense function")
 
 
 def _add_dtype(parser: argparse.ArgumentParser) -> None:

@@ -89,7 +89,7 @@ def _value(path: str, key: str, value: Any, action: argparse.Action) -> Any:
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
         try:
-            value = action.type(value if isinstance(value, str) else str(value))
+            value = action.type(value if isinstance(value, (str, dict)) else str(value))
         except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
             raise RecipeError(f"{where} is not a valid value for {action.dest} ({error})") from None
     elif isinstance(value, list):

@@ -5,7 +5,8 @@ E · Σ_e f_e · P_e is not an average of per-rank losses: f_e (the fraction of 
 to expert e) and P_e (its mean router probability) are fractions of the *global* batch. So each
 rank sums its counts and probabilities, one all-reduce adds them up, and every rank computes
 the loss of the global batch: 2 ranks with half batches get the value one rank gets with the
-whole batch.
+whole batch. With `balance_scope="global_batch"` the counts f_e also accumulate over the
+micro-batches of one optimizer step (gradient accumulation), as in one process.
 
 Gradients: the value is global, but autograd only sees this rank's tokens. FSDP then averages
 the gradients over the W data-parallel ranks (and expert gradients are divided by W, see
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..moe import losses
+from ..moe.balancing import StepTotals
 from ..moe.layer import RouterStats
 from ..moe.routing import Routing, expert_counts
 
@@ -53,9 +55,10 @@ class GlobalRouterStats(RouterStats):
         scaled = self.world_size * local
         return total.to(local.dtype) + (scaled - scaled.detach())
 
-    def load_balancing_loss(self, routing: Routing) -> torch.Tensor:
-        """E · Σ_e f_e · P_e with f and P over the global batch (`losses.load_balancing_loss`
-        on all ranks' tokens at once)."""
+    def load_balancing_loss(self, routing: Routing, step: StepTotals | None = None) -> torch.Tensor:
+        """E · Σ_e f_e · P_e with f and P over all ranks' tokens (`losses.load_balancing_loss`
+        on all of them at once). With `step` (global-batch scope), f_e counts the assignments
+        of all ranks' micro-batches of the optimizer step so far, this one added to `step`."""
         num_experts = routing.num_experts
         counts = expert_counts(routing.expert_idx, num_experts)
         prob_sum = routing.probs.sum(dim=0)
@@ -64,6 +67,9 @@ class GlobalRouterStats(RouterStats):
         packed = self.total(torch.cat([counts.double(), prob_sum.double(), *sizes]))
         global_counts, global_prob_sum, (assignments, tokens) = packed.split([num_experts, num_experts, 2])
         fraction = (global_counts / assignments).to(prob_sum.dtype)
+        if step is not None:  # packed has the layout of losses.balance_totals
+            step_totals = step.add_balance(packed)
+            fraction = (step_totals[:num_experts] / step_totals[2 * num_experts]).to(prob_sum.dtype)
         mean_probs = self.differentiable_total(prob_sum, global_prob_sum) / tokens.to(prob_sum.dtype)
         return num_experts * torch.sum(fraction * mean_probs)
 

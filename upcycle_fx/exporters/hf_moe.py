@@ -12,8 +12,11 @@ the upcycled model's logits. Three things make that exact rather than approximat
   expert choice change inference and have no counterpart: refused. Training-only settings do
   not block shipping: the auxiliary loss weight becomes `router_aux_loss_coef`, a router z-loss
   (which the targets lack) is dropped with a warning. Qwen2-MoE always adds a
-  gated shared expert; it is written with zero width (`shared_expert_intermediate_size=0`), so it
-  adds exactly 0. The router logits are computed in the model dtype there (float32 here): equal
+  gated shared expert: the layer's shared experts where it has them (with their sigmoid gate:
+  shared experts without one are refused, since Qwen2-MoE's gate cannot be switched off), else
+  one of zero width (`shared_expert_intermediate_size=0`), which adds exactly 0. Qwen3-MoE and
+  Mixtral have no shared expert. Fine-grained experts set `moe_intermediate_size` (Mixtral, whose
+  every layer is MoE: `intermediate_size`) to the experts' width. The router logits are computed in the model dtype there (float32 here): equal
   in float32, rounding-level differences in bf16 (which do not change the output while the
   experts are identical copies and weights are renormalised).
 * Tensors: written under the names transformers itself writes (`save_pretrained`'s reverse weight
@@ -41,6 +44,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..moe import MoE
+from ..moe.options import softmax_top_k_problem
 from ..report import moe_layers
 from .errors import HFFormatError
 from .hf_names import stored_tensors
@@ -88,6 +92,8 @@ class MoELayout:
     aux_loss_weight: float
     dtype: torch.dtype
     dropped: tuple[str, ...] = ()     # training-only settings the target cannot express
+    expert_width: int = 0             # hidden units of one routed expert
+    shared_width: int = 0             # hidden units of all shared experts together, 0 for none
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,13 @@ def moe_layout(model: nn.Module) -> MoELayout:
         raise _refuse(config, "; ".join(problems[:4]))
     s = first.settings
     return MoELayout(tuple(sorted(indices)), first.num_experts, s.top_k, s.normalize_weights,
-                     float(s.aux_loss_weight), first.experts.up_proj.dtype, _training_only(layers))
+                     float(s.aux_loss_weight), first.experts.up_proj.dtype, _training_only(layers),
+                     first.experts.d_ff, _shared_width(first))
+
+
+def _shared_width(moe: MoE) -> int:
+    shared = getattr(moe, "shared", None)
+    return 0 if shared is None else shared.d_ff
 
 
 def _training_only(layers) -> tuple[str, ...]:
@@ -154,15 +166,22 @@ def _layer_problems(moe: MoE, first: MoE, config) -> list[str]:
         problems.append("the experts have biases, which the target's experts lack")
     if e.hidden_dropout:
         problems.append(f"hidden dropout {e.hidden_dropout} inside the experts has no counterpart")
-    if e.d_ff != config.intermediate_size:
-        problems.append(f"d_ff {e.d_ff} differs from intermediate_size {config.intermediate_size}")
+    shared = getattr(moe, "shared", None)
+    if shared is not None and shared.gate is None:
+        problems.append("its shared experts have no sigmoid gate, which Qwen2-MoE's shared expert always "
+                        "has (rewrite with shared_expert_gate=True)")
     if s.routing != "top_k":
         problems.append(f"routing {s.routing!r}: the target routes tokens with top-k only")
     if s.capacity_factor is not None:
         problems.append(f"capacity_factor {s.capacity_factor}: the target's routing is dropless")
-    same = (moe.num_experts, s.top_k, s.normalize_weights)
-    if same != (first.num_experts, first.settings.top_k, first.settings.normalize_weights):
-        problems.append(f"(experts, top_k, normalize) {same} differ from the first MoE layer's")
+    routing = softmax_top_k_problem(s)
+    if routing is not None:
+        problems.append(routing)
+    same = (moe.num_experts, s.top_k, s.normalize_weights, e.d_ff, _shared_width(moe))
+    if same != (first.num_experts, first.settings.top_k, first.settings.normalize_weights,
+                first.experts.d_ff, _shared_width(first)):
+        problems.append(f"(experts, top_k, normalize, expert width, shared width) {same} differ from the "
+                        "first MoE layer's")
     return problems
 
 
@@ -189,9 +208,12 @@ def choose_target(config, layout: MoELayout, requested: str = "auto") -> str:
     if requested == "auto":
         every_layer = len(layout.layers) == config.num_hidden_layers
         requested = "qwen3_moe" if kind == "qwen3" else (
-            "mixtral" if every_layer and kind in ACCEPTS["mixtral"] else "qwen2_moe")
+            "mixtral" if every_layer and kind in ACCEPTS["mixtral"] and not layout.shared_width else "qwen2_moe")
     if requested not in TARGETS:
         raise HFFormatError(f"hf_target={requested!r} is unknown; use auto, {', '.join(TARGETS)}.")
+    if layout.shared_width and requested != "qwen2_moe":
+        raise _refuse(config, f"the MoE layers have shared experts, which {TARGETS[requested][1]} lacks "
+                              "(Qwen2-MoE has them, from Llama, Mistral and Qwen2 models)")
     if kind not in ACCEPTS[requested]:
         raise _refuse(config, f"{requested} can only be written from {'/'.join(ACCEPTS[requested])} "
                               f"models (its attention differs from {kind}'s)")
@@ -266,14 +288,14 @@ def _sparsity_fields(config, layout: MoELayout, target: str) -> dict[str, Any]:
                                   "were converted; use pattern='all', or hf_target='qwen2_moe'")
         if not layout.normalize:
             raise _refuse(config, "normalize_weights=False: Mixtral always renormalises the top-k weights")
-        return {"num_local_experts": layout.num_experts}
+        return {"num_local_experts": layout.num_experts, "intermediate_size": layout.expert_width}
     every_other = tuple(i for i in range(n) if (i + 1) % 2 == 0)
     step, dense = (2, []) if layout.layers == every_other else (
         1, [i for i in range(n) if i not in layout.layers])
-    fields = {"num_experts": layout.num_experts, "moe_intermediate_size": config.intermediate_size,
+    fields = {"num_experts": layout.num_experts, "moe_intermediate_size": layout.expert_width,
               "norm_topk_prob": layout.normalize, "decoder_sparse_step": step, "mlp_only_layers": dense}
     if target == "qwen2_moe":
-        fields["shared_expert_intermediate_size"] = 0  # no shared expert: it adds exactly 0
+        fields["shared_expert_intermediate_size"] = layout.shared_width  # 0: no shared expert, adds exactly 0
     return fields
 
 
@@ -323,12 +345,19 @@ class HFFormat:
         host = unit.moe
         renames = {f"{host}.router.weight": f"{host}.gate.weight",
                    f"{host}.experts.up_proj": f"{host}.experts.gate_up_proj",
-                   f"{host}.experts.down_proj": f"{host}.experts.down_proj"}
-        unknown = sorted(set(tensors) - set(renames))
+                   f"{host}.experts.down_proj": f"{host}.experts.down_proj",
+                   f"{host}.shared.gate.weight": f"{host}.shared_expert_gate.weight"}
+        shared = {f"{host}.shared.experts.up_proj", f"{host}.shared.experts.down_proj"}
+        unknown = sorted(set(tensors) - set(renames) - shared)
         if unknown:
             raise _refuse(self.config, f"{host} holds tensors the target's MoE block lacks: {unknown[:3]}")
-        out = {renames[name]: t for name, t in tensors.items()}
-        if self.target == "qwen2_moe":
+        out = {renames[name]: t for name, t in tensors.items() if name in renames}
+        if f"{host}.shared.experts.up_proj" in tensors:  # one expert [1, 2w, D] / [1, D, w] -> Qwen2MoeMLP
+            gate, up = tensors[f"{host}.shared.experts.up_proj"][0].chunk(2)
+            out.update({f"{host}.shared_expert.gate_proj.weight": gate,
+                        f"{host}.shared_expert.up_proj.weight": up,
+                        f"{host}.shared_expert.down_proj.weight": tensors[f"{host}.shared.experts.down_proj"][0]})
+        elif self.target == "qwen2_moe":
             like = out[f"{host}.experts.down_proj"]
             d, factory = like.shape[1], {"dtype": like.dtype, "device": like.device}
             out.update({f"{host}.shared_expert.gate_proj.weight": torch.zeros(0, d, **factory),

@@ -285,6 +285,7 @@ def rebuild(manifest: Manifest, skeleton: nn.Module, *, example_inputs: Any = No
         return skeleton if inplace else copy.deepcopy(skeleton)
     first = records[0]
     shared = {k: v for k, v in first.settings.items() if k in {f.name for f in fields(UpcycleConfig)}}
+    shared["routing"] = {r.mlp_index: r.settings["routing"] for r in records}  # each layer's own
     config = UpcycleConfig(pattern=sorted(r.mlp_index for r in records), num_experts=first.num_experts,
                            seed=0, **shared)  # seed: leave the caller's global RNG alone
     try:

@@ -21,6 +21,7 @@ from typing import Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from ..moe import MoE
 from ..report import moe_layers
 from .atomic import atomic_directory
 from .errors import CheckpointError
@@ -93,20 +94,20 @@ class ModelSource:
         self.table, self.dtype = table, dtype
 
     def tensors(self, unit: Unit) -> dict[str, torch.Tensor]:
-        return {name: self._cast(self.table.tensors[name].detach()) for name in unit.names}
+        return {name: self.table.tensors[name].detach().to(self._dtype(name)) for name in unit.names}
 
-    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        return tensor
+    def _dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor `name`: `dtype` for floating tensors, except those an MoE
+        layer keeps in float32 whatever the model's dtype."""
+        tensor = self.table.tensors[name]
+        if (self.dtype is None or not tensor.is_floating_point()
+                or name.rpartition(".")[2] in MoE.FLOAT32_TENSORS):
+            return tensor.dtype
+        return self.dtype
 
     def meta(self, unit: Unit) -> dict[str, torch.Tensor]:
-        out = {}
-        for name in unit.names:
-            tensor = self.table.tensors[name]
-            dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
-            out[name] = torch.empty(tensor.shape, dtype=dtype, device="meta")
-        return out
+        return {name: torch.empty(self.table.tensors[name].shape, dtype=self._dtype(name), device="meta")
+                for name in unit.names}
 
 
 @dataclass(frozen=True)

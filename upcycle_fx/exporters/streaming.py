@@ -31,6 +31,7 @@ from torch import nn
 
 from ..api import upcycle
 from ..config import UpcycleConfig
+from ..moe import MoE
 from ..passes import MLPList, MLPMatch
 from ..passes.upcycle import build_moe
 from ..report import active_parameters, count_parameters, moe_layers
@@ -232,7 +233,9 @@ class CheckpointTensors:
         up = self.match_of[unit.moe].site.up
         stored = self.reader.tensors[self.stored_name[_join(up.owner, up.weight)]].dtype
         dtype = self._out_dtype(stored)  # Experts.tile / Router use the dense weights' dtype
-        return {n: torch.empty(self.plan.tensors[n].shape, dtype=dtype, device="meta") for n in unit.names}
+        return {n: torch.empty(self.plan.tensors[n].shape, device="meta",
+                               dtype=torch.float32 if n.rpartition(".")[2] in MoE.FLOAT32_TENSORS else dtype)
+                for n in unit.names}
 
     def tensors(self, unit: Unit) -> dict[str, torch.Tensor]:
         if unit.moe is None:

@@ -10,7 +10,9 @@ in training mode only and only when the output carries a loss (a dict or `ModelO
 With gradient accumulation, the `Trainer` normalises a model's loss by the label tokens of
 the whole accumulated batch (`num_items_in_batch`) and then sums the micro-batches; the aux term
 is weighted the same way (this micro-batch's share of those tokens), so its weight per optimizer
-step does not grow with the number of accumulation steps.
+step does not grow with the number of accumulation steps. With `balance_scope="global_batch"`
+each micro-batch's load-balancing loss already counts the expert loads of the step's earlier
+micro-batches (see `upcycle_fx.moe.balancing`); the weighting is the same.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`Experts`: E copies of one FFN, stored as stacked [E, ...] weights in the nn.Linear layout."""
+"""`Experts`: E copies (or segments) of one FFN, stored as stacked [E, ...] weights in the nn.Linear layout."""
 
 from __future__ import annotations
 
@@ -77,22 +77,48 @@ class Experts(nn.Module):
              activation_name: str = "custom", hidden_dropout: float = 0.0, noise_std: float = 0.0,
              generator: torch.Generator | None = None) -> "Experts":
         """E exact copies of `ffn` (plus N(0, noise_std) on the weight matrices if asked)."""
-        experts = cls(num_experts, ffn.d_model, ffn.d_ff, gated=ffn.gated, activation=activation,
+        units = torch.arange(ffn.d_ff, device=ffn.up.device).expand(num_experts, ffn.d_ff)
+        experts = cls.from_units(ffn, units, activation=activation, activation_name=activation_name,
+                                 hidden_dropout=hidden_dropout)
+        if noise_std > 0:
+            experts.add_noise(noise_std, generator)
+        return experts
+
+    @classmethod
+    def from_units(cls, ffn: FFNWeights, units: torch.Tensor, *, down_scale: float = 1.0,
+                   activation: nn.Module, activation_name: str = "custom",
+                   hidden_dropout: float = 0.0) -> "Experts":
+        """Expert i made of the dense hidden units `units[i]` ([E, width] indices): their rows of
+        the up (and gate) projection and bias, their columns of the down projection times
+        `down_scale`, and the whole down bias (see `segments.py` for why that keeps the function)."""
+        num_experts, width = units.shape
+        experts = cls(num_experts, ffn.d_model, width, gated=ffn.gated, activation=activation,
                       activation_name=activation_name,
                       up_bias=ffn.up_bias is not None, down_bias=ffn.down_bias is not None,
                       up_bias_half=ffn.up_bias_half, hidden_dropout=hidden_dropout,
                       device=ffn.up.device, dtype=ffn.up.dtype)
+        units = units.to(ffn.up.device)
+        rows = torch.cat([units, units + ffn.d_ff], dim=1) if ffn.gated else units
+        bias_rows = units if ffn.up_bias_half is not None else rows
+        up, up_bias, down = ffn.up.detach(), ffn.up_bias, ffn.down.detach()
         with torch.no_grad():
-            pairs = [(experts.up_proj, ffn.up), (experts.up_bias, ffn.up_bias),
-                     (experts.down_proj, ffn.down), (experts.down_bias, ffn.down_bias)]
-            for stacked, dense in pairs:
-                if stacked is not None:
-                    stacked.copy_(dense.detach().unsqueeze(0).expand_as(stacked))
-            if noise_std > 0:
-                for stacked in (experts.up_proj, experts.down_proj):
-                    noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
-                    stacked.add_(noise.mul_(noise_std).to(stacked))
+            for i in range(num_experts):  # one expert at a time: no [E, ...] temporary
+                experts.up_proj[i].copy_(up[rows[i]])
+                if experts.up_bias is not None:
+                    experts.up_bias[i].copy_(up_bias.detach()[bias_rows[i]])
+                experts.down_proj[i].copy_(down[:, units[i]])
+            if down_scale != 1.0:
+                experts.down_proj.mul_(down_scale)
+            if experts.down_bias is not None:
+                experts.down_bias.copy_(ffn.down_bias.detach().expand_as(experts.down_bias))
         return experts
+
+    def add_noise(self, std: float, generator: torch.Generator | None = None) -> None:
+        """N(0, std²) added to every weight matrix (not the biases)."""
+        with torch.no_grad():
+            for stacked in (self.up_proj, self.down_proj):
+                noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+                stacked.add_(noise.mul_(std).to(stacked))
 
     def reinitialize(self, generator: torch.Generator | None = None) -> None:
         """Random experts (the paper's 'from scratch' ablation): every stacked weight matrix drawn
@@ -107,7 +133,7 @@ class Experts(nn.Module):
                     bias.zero_()
 
     def ffn_numel(self) -> int:
-        """Parameters of one expert (= of the dense FFN it was copied from)."""
+        """Parameters of one expert (= of the dense FFN it was copied from, or of its segment)."""
         return sum(p.numel() for p in self._stacked()) // self.num_experts
 
     def _stacked(self) -> list[torch.Tensor]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .scoring import get_scorer
+
 EXPERT_CHOICE_CAPACITY = 2.0  # the paper's C for expert choice when none is given
 
 
@@ -67,19 +69,30 @@ def routing_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
-                  capacity_factor: float | None = None) -> Routing:
-    """Token choice: softmax over all experts, each token takes its k best.
+                  capacity_factor: float | None = None, scoring: str = "softmax",
+                  bias: torch.Tensor | None = None, scale: float = 1.0) -> Routing:
+    """Token choice: score all experts (`scoring`: softmax by default), each token takes its k best.
 
-    With `normalize`, the k weights are renormalised to sum to 1 (function-preserving with
-    identical experts). With a `capacity_factor` C, each expert keeps at most ceil(C·T·k/E)
-    assignments, first choices before second choices, earlier tokens first (GShard priority);
-    the rest get weight 0 and the token's output falls back to the residual path.
+    With `bias` ([E], auxiliary-loss-free balancing) the k are chosen on scores + bias while the
+    weights stay the unbiased scores. With `normalize`, the k weights are renormalised to sum to
+    1 (function-preserving with identical experts); `scale` then multiplies them (weight scaling,
+    DeepSeek-V3's routed scaling factor). With a `capacity_factor` C, each expert keeps at most
+    ceil(C·T·k/E) assignments, first choices before second choices, earlier tokens first (GShard
+    priority); the rest get weight 0 and the token's output falls back to the residual path.
     """
     num_tokens, num_experts = logits.shape
-    probs = torch.softmax(logits.to(routing_dtype(logits)), dim=-1)
-    weight, expert = torch.topk(probs, k, dim=-1)
-    if normalize:
-        weight = weight / weight.sum(dim=-1, keepdim=True)
+    scorer = get_scorer(scoring)
+    scores = scorer.scores(logits.to(routing_dtype(logits)))
+    probs = scorer.distribution(scores)
+    if bias is None:
+        weight, expert = torch.topk(scores, k, dim=-1)
+    else:
+        _, expert = torch.topk(scores + bias.to(scores.dtype), k, dim=-1)
+        weight = scores.gather(1, expert)
+    if normalize:  # (a sigmoid score can underflow to 0 for a clamped logit: no 0/0)
+        weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
+    if scale != 1.0:
+        weight = weight * scale
     # k-major order: all first choices, then all second choices (capacity priority).
     expert_idx = expert.t().reshape(-1)
     weight = weight.t().reshape(-1)
@@ -107,16 +120,19 @@ def top_k_routing(logits: torch.Tensor, k: int, *, normalize: bool,
     return Routing(token_idx, expert_idx, weight, kept, probs, num_experts, slots)
 
 
-def expert_choice_routing(logits: torch.Tensor, capacity_factor: float) -> Routing:
+def expert_choice_routing(logits: torch.Tensor, capacity_factor: float, *,
+                          scoring: str = "softmax") -> Routing:
     """Expert choice (Zhou et al. 2022): each expert takes its top ceil(C·T/E) tokens.
 
     Static shapes and perfect balance; a token may get zero or several experts. It looks at all
     tokens of the batch at once, so it is not causal (mind autoregressive decoding).
     """
     num_tokens, num_experts = logits.shape
-    probs = torch.softmax(logits.to(routing_dtype(logits)), dim=-1)
+    scorer = get_scorer(scoring)
+    scores = scorer.scores(logits.to(routing_dtype(logits)))
+    probs = scorer.distribution(scores)
     capacity = min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens / num_experts)))
-    weight, token = torch.topk(probs.t(), capacity, dim=-1)  # [E, capacity]
+    weight, token = torch.topk(scores.t(), capacity, dim=-1)  # [E, capacity]
     expert_idx = torch.arange(num_experts, device=logits.device).repeat_interleave(capacity)
     token_idx = token.reshape(-1)
     kept = torch.ones_like(token_idx, dtype=torch.bool)

@@ -67,22 +67,41 @@ class OutsideUse:
 
 @dataclass(frozen=True)
 class NearMiss:
-    """A candidate a pattern matched structurally but rejected, with the reason."""
+    """A candidate a pattern matched structurally but rejected, with the reason.
+
+    paths: the modules owning its projections (the candidate's place in the model);
+    activation: what sat between them ("" when the pattern failed before naming it)."""
 
     pattern: str
     region: str
     reason: str
     nodes: tuple[str, ...]
+    paths: tuple[str, ...] = ()
+    activation: str = ""
+
+    @property
+    def where(self) -> str:
+        return ", ".join(self.paths) or self.region or "<model>"
 
 
 class MLPList(list):
-    """`find_mlps` result: a list of MLPMatch, plus the diagnostics of the search."""
+    """`find_mlps` result: a list of MLPMatch, plus the diagnostics of the search.
+
+    `decisions` (filled by `upcycle_fx.find_mlps`): one `Decision` per candidate, found FFNs in
+    execution order then near misses; `explain()` prints them as a table."""
 
     def __init__(self, matches=(), near_misses=(), capture_failures=(), capture_result=None):
         super().__init__(matches)
         self.near_misses: list[NearMiss] = list(near_misses)
         self.capture_failures: list[tuple[str, str]] = list(capture_failures)
         self.capture: Capture | None = capture_result
+        self.decisions: list = []
+
+    def explain(self) -> str:
+        """One line per candidate: selected, not selected or rejected, and why."""
+        from .decisions import explain
+
+        return explain(self)
 
 
 def find_mlps(model: nn.Module, example_inputs: Any = None,
@@ -122,17 +141,30 @@ def match_region(region: CapturedRegion) -> tuple[list[FFNSite], list[NearMiss]]
     """Run every registered pattern over one captured region; overlapping matches lose."""
     view = build_view(region)
     sites: list[FFNSite] = []
-    near: list[NearMiss] = []
+    near: dict[tuple, tuple[NearMiss, set]] = {}
     taken: set = set()
     for pattern in PATTERNS:
         for roles in pattern.find(view):
             result = pattern.check(view, roles)
             if not result:
-                near.append(NearMiss(pattern.kind, region.prefix, result.reason, tuple(result.nodes)))
+                miss, projections = _near_miss(pattern.kind, view, roles, result)
+                near.setdefault((miss.paths, miss.reason), (miss, projections))
             elif not result.site.members & taken:
                 taken |= result.site.members
                 sites.append(result.site)
-    return sites, near
+    # a rejected placement that shares a projection with a found FFN is part of that FFN
+    return sites, [miss for miss, projections in near.values() if not projections & taken]
+
+
+def _near_miss(kind: str, view, roles: dict[str, fx.Node], result) -> tuple[NearMiss, set[fx.Node]]:
+    """The NearMiss of a rejected placement, and its projection nodes."""
+    projections = {node: view.meaning[node].projection for node in roles.values()
+                   if view.meaning[node].projection is not None}
+    ordered = sorted(projections, key=lambda n: n.meta.get("order", 0))
+    paths = tuple(dict.fromkeys(projections[n].owner for n in ordered))
+    act = view.nodes[roles["act"]].activation if "act" in roles and roles["act"] in view.nodes else None
+    return (NearMiss(kind, view.region.prefix, result.reason, tuple(result.nodes), paths, act or ""),
+            set(projections))
 
 
 def _describe(model: nn.Module, index: int, site: FFNSite, regions: list[CapturedRegion]) -> MLPMatch:

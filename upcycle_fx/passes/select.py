@@ -43,3 +43,21 @@ def _calls(pattern, match: MLPMatch) -> bool:
             f"pattern={name} raised {type(error).__name__}: {error} on FFN {match.describe()}; "
             "the callable gets an upcycle_fx.MLPMatch (index, kind, activation, d_model, d_ff, "
             "paths, stack, block) and returns True to convert it.") from error
+
+
+def selection_reason(pattern: PatternSpec, match: MLPMatch, selected: bool) -> tuple[str, str]:
+    """Why `pattern` takes (`selected`) or leaves `match`: (in a few words, in a sentence)."""
+    if pattern == "every_other_mlp":
+        rule = "pattern every_other_mlp takes odd blocks (1, 3, 5, ...) of each stack of blocks"
+        if match.stack is None:
+            return "in no stack", f"{rule}; this FFN is in none (use pattern='all' or its index)"
+        parity = "odd" if match.block % 2 else "even"
+        return f"{parity} block", f"{rule}; this FFN is block {match.block} of {match.stack}"
+    if pattern == "all":
+        return "all", "pattern all takes every FFN"
+    if callable(pattern):
+        name = getattr(pattern, "__qualname__", type(pattern).__name__)
+        return f"{name}: {selected}", f"pattern {name}(match) returned {selected}"
+    listed = sorted(set(pattern))
+    verb = "lists" if selected else "does not list"
+    return ("listed" if selected else "not listed"), f"pattern {listed} {verb} FFN #{match.index}"

@@ -13,21 +13,25 @@ modules after it on a straight chain (BERT's `output.dense`, GPT-2's `act`/`c_pr
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 from ..capture.leaves import is_projection_module
 from ..config import UpcycleConfig
-from ..errors import RewriteError
-from ..moe import MoE, MoESettings, Router
+from ..errors import RewriteError, UpcycleConfigError
+from ..moe import MoE, Router
 from ..moe.channels import on_channels
+from ..moe.expert_init import InitContext, initialize_experts
 from ..moe.experts import Experts, FFNWeights
+from ..moe.segments import expert_layout, layout_problem, tie_router_groups
+from ..moe.shared import SharedExperts
 from ..patterns import FFNSite
 from ..patterns.plain import module_problem
 from .find_mlps import MLPMatch
 from .splice import SplicePlan, check_spliceable, enclosing_module, splice
+from .stack_routing import settings_for
 
 
 class FoldedModuleError(RewriteError, AttributeError):
@@ -172,17 +176,38 @@ def extract_activation(site: FFNSite) -> nn.Module:
 
 def build_moe(match: MLPMatch, model: nn.Module, config: UpcycleConfig,
               generator: torch.Generator | None) -> MoE:
+    """The MoE for one FFN: experts laid out from its hidden units (copies, segments, shared
+    experts: `moe.segments`), initialised by the registered `expert_init` method, and a router
+    whose rows are equal within each virtual group of segments."""
     site = match.site
     weights = dense_weights(site, model)
-    experts = Experts.tile(weights, config.num_experts, activation=extract_activation(site),
-                           activation_name=site.activation, hidden_dropout=site.hidden_dropout,
-                           noise_std=config.expert_noise_std, generator=generator)
-    if config.expert_init == "random":
-        experts.reinitialize(generator)
+    layout = expert_layout(weights.d_ff, config.num_experts, config.granularity,
+                           config.num_shared_experts, config.shared_expert_gate)
+    parts = {"activation_name": site.activation, "hidden_dropout": site.hidden_dropout}
+    experts = Experts.from_units(weights, layout.routed_units, down_scale=layout.routed_scale,
+                                 activation=extract_activation(site), **parts)
+    if config.expert_noise_std > 0:
+        experts.add_noise(config.expert_noise_std, generator)
+    initialize_experts(experts, InitContext(weights, config, generator))
+    shared = None
+    if layout.shared_units is not None:
+        shared = SharedExperts.build(weights, layout.shared_units, config.num_shared_experts,
+                                     scale=layout.shared_scale, gated=config.shared_expert_gate,
+                                     activation=extract_activation(site), **parts)
     router = Router(site.d_model, config.num_experts, init_std=config.router_init_std,
                     generator=generator, device=weights.up.device, dtype=weights.up.dtype)
-    settings = MoESettings(**{f.name: getattr(config, f.name) for f in fields(MoESettings)})
-    return MoE(router, experts, settings, source=match.path, mlp_index=match.index)
+    tie_router_groups(router.weight, layout.group_size)
+    settings = settings_for(config, match)
+    return MoE(router, experts, settings, source=match.path, mlp_index=match.index, shared=shared)
+
+
+def check_layouts(matches: list[MLPMatch], config: UpcycleConfig) -> None:
+    """UpcycleConfigError, before any work, for an FFN the granularity cannot split."""
+    for m in matches:
+        problem = layout_problem(m.d_ff, config.granularity)
+        if problem:
+            raise UpcycleConfigError(f"FFN #{m.index} ({m.path}): {problem}, or leave this FFN dense "
+                                     "(pattern=[...] without it).")
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
@@ -210,6 +235,7 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
     Module swaps first; FFNs that no module holds alone are spliced into a re-traced graph of
     their enclosing module afterwards (which then sees the new MoE modules as leaves).
     """
+    check_layouts(matches, config)
     swaps = {m.index: plan_swap(m) for m in matches}  # plan everything before touching the model
     splices: dict[str, list[MLPMatch]] = {}
     for m in matches:

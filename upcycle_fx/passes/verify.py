@@ -22,6 +22,7 @@ worst error measured over the test zoo (25 models, every FFN converted, top_k 1,
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import torch
@@ -32,6 +33,7 @@ from ..capture.inputs import ModelInputs
 from ..capture.snapshot import left_as_found
 from ..config import UpcycleConfig
 from ..errors import RewriteError
+from ..moe.options import routing_preserves_function
 from ..report import moe_layers, relative_error
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -40,9 +42,19 @@ MAX_BISECT = 64  # FFNs converted one at a time to name the faulty ones
 
 
 def preserves_function(config: UpcycleConfig) -> bool:
-    return (config.routing == "top_k" and config.normalize_weights
+    """Whether the configuration computes the dense function at conversion. A routing mapping
+    preserves it when every layer it names is top-k (unnamed layers are top-k); a callable's
+    choices are not known before the rewrite, so it is not counted as preserving."""
+    from ..moe.expert_init import expert_init
+    from ..moe.segments import routed_group_size
+
+    routing = config.routing
+    top_k_everywhere = (routing == "top_k" if isinstance(routing, str)
+                        else isinstance(routing, Mapping) and all(v == "top_k" for v in routing.values()))
+    whole_groups = config.top_k % routed_group_size(config.granularity, config.num_shared_experts) == 0
+    return (top_k_everywhere and routing_preserves_function(config)
             and config.expert_noise_std == 0 and config.capacity_factor is None
-            and config.expert_init == "copy")
+            and expert_init(config.expert_init).preserves_function(config) and whole_groups)
 
 
 def tolerance_for(dtype: torch.dtype) -> float:

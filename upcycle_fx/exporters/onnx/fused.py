@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...moe.experts import up_bias_rows
+from ...moe.scoring import get_scorer
 
 # Activation attribute values of com.microsoft::MoE that we emit.
 RELU, GELU, SILU, SWIGLU = "relu", "gelu", "silu", "swiglu"
@@ -38,13 +39,16 @@ class FusedForm:
     normalize: bool
     swiglu_alpha: float = 1.0       # swiglu only: gate = g·sigmoid(alpha·g)
     gelu_approximate: str = "tanh"  # gelu only: what the target kernel computes (eager reference)
+    scoring: str = "softmax"        # the node is fed the scorer's log-scores (softmax: the logits)
 
     def describe(self) -> str:
         if self.activation_type == SWIGLU:
-            return f"swiglu(alpha={self.swiglu_alpha:g}, interleaved), k={self.k}, normalize={int(self.normalize)}"
-        flavour = "tanh" if self.gelu_approximate == "tanh" else "erf"
-        name = f"gelu({flavour})" if self.activation_type == GELU else self.activation_type
-        return f"{name}, k={self.k}, normalize={int(self.normalize)}"
+            text = f"swiglu(alpha={self.swiglu_alpha:g}, interleaved), k={self.k}, normalize={int(self.normalize)}"
+        else:
+            flavour = "tanh" if self.gelu_approximate == "tanh" else "erf"
+            name = f"gelu({flavour})" if self.activation_type == GELU else self.activation_type
+            text = f"{name}, k={self.k}, normalize={int(self.normalize)}"
+        return text if self.scoring == "softmax" else f"{text}, {self.scoring} scores"
 
 
 def interleave_gate_up(stacked: Tensor, d_ff: int) -> Tensor:
@@ -156,7 +160,9 @@ def fused_forward(moe, form: FusedForm, x: Tensor) -> Tensor:
     else:
         fc1, fc1_bias = experts.up_proj, up_bias_rows(experts)
     tokens = x.reshape(-1, x.shape[-1])
-    logits = moe.router(tokens).to(tokens.dtype)
+    # softmax(log-scores) = the scores as a distribution: top-k and renormalised weights are the
+    # layer's own (sigmoid: logsigmoid(logits), the scores over their sum)
+    logits = get_scorer(form.scoring).log_scores(moe.router(tokens)).to(tokens.dtype)
     out = torch.ops.upcycle_fx.ort_moe(tokens, logits, fc1, fc1_bias, experts.down_proj,
                                        experts.down_bias, form.k, form.activation_type,
                                        form.normalize, form.swiglu_alpha, form.gelu_approximate)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ...moe import MoE
 from ...moe.activations import QUICK_GELU_ALPHA, probe
+from ...moe.options import fused_routing_problem
 from ...report import moe_layers
 from .errors import OnnxExportError
 from .fused import GELU, RELU, SILU, SWIGLU, FusedForm
@@ -61,9 +63,15 @@ def fused_form(moe: MoE, target: Target) -> FusedForm | str:
     settings, experts = moe.settings, moe.experts
     if settings.routing != "top_k":
         return f"{settings.routing} routing: the fused op routes tokens to their top-k experts only"
+    routing_problem = fused_routing_problem(settings)
+    if routing_problem:
+        return routing_problem
     if settings.capacity_factor is not None and settings.capacity_factor * settings.top_k < moe.num_experts:
         return (f"capacity_factor={settings.capacity_factor:g} can drop assignments "
                 "(the fused op is dropless)")
+    split = _splits_tied_rows(moe)
+    if split:
+        return split
     dtype = experts.up_proj.dtype
     if dtype not in target.dtypes:
         return f"{dtype}: the {target.name} kernel runs {', '.join(map(str, target.dtypes))}"
@@ -78,7 +86,24 @@ def fused_form(moe: MoE, target: Target) -> FusedForm | str:
     if probe_error:
         return probe_error
     return FusedForm(activation_type, settings.top_k, settings.normalize_weights, alpha,
-                     "tanh" if target.gelu == "tanh" else "none")
+                     "tanh" if target.gelu == "tanh" else "none", settings.scoring)
+
+
+def _splits_tied_rows(moe: MoE) -> str | None:
+    """Fine-grained layers keep equal router rows within each virtual group (`moe.segments`): a
+    top_k that is not a multiple of the group must break ties, which the fused kernels do their
+    own way (CPU: highest index first), so only the portable lowering computes the same."""
+    from ...moe.segments import routed_group_size
+
+    s = moe.settings
+    group = routed_group_size(getattr(s, "granularity", 1), getattr(s, "num_shared_experts", 0))
+    if group == 1 or s.top_k % group == 0:
+        return None
+    rows = moe.router.weight.detach()
+    if torch.unique(rows, dim=0).shape[0] == rows.shape[0]:
+        return None   # trained apart: no ties left
+    return (f"top_k={s.top_k} splits the groups of {group} equal router rows (fine-grained experts): "
+            "the fused op breaks the ties in its own order")
 
 
 def _activation_form(experts, target: Target) -> tuple[str, float] | str:

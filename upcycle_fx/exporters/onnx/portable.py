@@ -3,9 +3,10 @@
 Formulation ("dense with a combine matrix", research/anchors-onnx.md §4):
 
 1. routing -> a [T, E] float32 matrix of combine weights, zero where a token does not use an
-   expert: token-choice top-k (softmax over all experts, top-k, optional renormalisation,
-   optional capacity with GShard priority) or expert choice (each expert keeps its best
-   ⌈C·T/E⌉ tokens) — the same routing as `upcycle_fx.moe.routing`, written with static shapes;
+   expert: token-choice top-k (the layer's scorer over all experts, top-k on the scores plus the
+   balancing bias if any, optional renormalisation, scaling, optional capacity with GShard
+   priority) or expert choice (each expert keeps its best ⌈C·T/E⌉ tokens) — the same routing as
+   `upcycle_fx.moe.routing`, written with static shapes;
 2. every expert on every token: two batched MatMuls over the stacked `[E, out, in]` weights,
    with the experts' own activation module (`Experts.hidden`) in between;
 3. output = Σ_e weight[:, e] · expert_e(x).
@@ -27,14 +28,17 @@ import torch
 from torch import Tensor
 
 from ...moe.experts import up_bias_rows
+from ...moe.scoring import get_scorer
 
 
-def combine_weights(logits: Tensor, settings, num_experts: int) -> Tensor:
-    """[T, E] float32 combine weights for router logits [T, E] under `settings` (MoESettings)."""
-    probs = torch.softmax(logits.float(), dim=-1)
+def combine_weights(logits: Tensor, settings, num_experts: int, bias: Tensor | None = None) -> Tensor:
+    """[T, E] float32 combine weights for router logits [T, E] under `settings` (MoESettings);
+    `bias`: the layer's selection bias (balancing="bias")."""
+    probs = get_scorer(settings.scoring).scores(logits.float())
     if settings.routing == "expert_choice":
         return _expert_choice(probs, settings.capacity)
-    return _top_k(probs, settings.top_k, settings.normalize_weights, settings.capacity_factor, num_experts)
+    return _top_k(probs, settings.top_k, settings.normalize_weights, settings.capacity_factor, num_experts,
+                  bias, settings.combine_scale(num_experts))
 
 
 def _capacity_threshold(num_tokens, factor: float, k: int, num_experts: int, device) -> Tensor:
@@ -44,10 +48,16 @@ def _capacity_threshold(num_tokens, factor: float, k: int, num_experts: int, dev
 
 
 def _top_k(probs: Tensor, k: int, normalize: bool, capacity_factor: float | None,
-           num_experts: int) -> Tensor:
-    weight, expert = torch.topk(probs, k, dim=-1)                      # [T, k]
+           num_experts: int, bias: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    if bias is None:
+        weight, expert = torch.topk(probs, k, dim=-1)                  # [T, k]
+    else:
+        _, expert = torch.topk(probs + bias.float(), k, dim=-1)
+        weight = probs.gather(1, expert)
     if normalize:
-        weight = weight / weight.sum(dim=-1, keepdim=True)
+        weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight.dtype).tiny)
+    if scale != 1.0:
+        weight = weight * scale
     if capacity_factor is not None:
         # k-major priority (all first choices, then all second choices, earlier tokens first).
         choice = expert.t().reshape(-1, 1) == torch.arange(num_experts, device=probs.device)
@@ -83,7 +93,8 @@ def all_experts(experts, tokens: Tensor) -> Tensor:
 def portable_forward(moe, x: Tensor) -> Tensor:
     """What a portable MoE layer computes during export (same contract as MoE.forward)."""
     tokens = x.reshape(-1, x.shape[-1])
-    weight = combine_weights(moe.router(tokens), moe.settings, moe.num_experts)   # [T, E]
+    weight = combine_weights(moe.router(tokens), moe.settings, moe.num_experts,
+                             moe._buffers.get("expert_bias"))                     # [T, E]
     outputs = all_experts(moe.experts, tokens)                                     # [E, T, D]
     accumulate = torch.promote_types(x.dtype, torch.float32)
     out = (outputs.to(accumulate) * weight.t().unsqueeze(-1).to(accumulate)).sum(dim=0)

@@ -2,7 +2,8 @@
 
 The MoE module's own forward records statistics as attributes (losses, loads) and dispatches
 with data-dependent code; neither belongs in an inference graph. During export each layer's
-`forward` is replaced by a pure function (fused.fused_forward or portable.portable_forward),
+`forward` is replaced by a pure function (fused.fused_forward or portable.portable_forward,
+plus the layer's shared experts in standard operators where it has them),
 SwiGLU layers get their interleaved fc1 as temporary non-persistent buffers (so they become
 named initializers), and the model is in eval mode. Everything is restored afterwards, also when
 the export fails: the user's model is not changed.
@@ -56,7 +57,11 @@ def _install(plan: LayerPlan, reached: set[str]):
 
     def forward(x):
         reached.add(plan.name)
-        return lowering(x)
+        out = lowering(x)
+        if moe.shared is None:
+            return out
+        # shared experts run on every token: standard MatMuls (and Sigmoid gate) beside either lowering
+        return out + moe.shared(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
     moe.forward = forward
 

@@ -39,7 +39,8 @@ def preserves(kwargs: dict[str, Any]) -> bool:
     """Whether these arguments keep the dense function (README: "Which setting preserves")."""
     return (kwargs.get("routing", "top_k") == "top_k" and kwargs.get("normalize_weights", True) is True
             and kwargs.get("expert_noise_std", 0.0) == 0 and kwargs.get("capacity_factor") is None
-            and kwargs.get("expert_init", "copy") == "copy")
+            and kwargs.get("expert_init", "copy") == "copy"
+            and kwargs.get("routed_scaling_factor", 1.0) == 1.0)
 
 
 def example_inputs(kind: str, x: torch.Tensor) -> Any:
