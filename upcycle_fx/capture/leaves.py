@@ -33,6 +33,15 @@ def is_activation_module(module: nn.Module) -> bool:
     return activation_of_module(module) is not None
 
 
+_NORM = re.compile(r"(LayerNorm|RMSNorm|GroupNorm|BatchNorm\dd)$")
+
+
+def _norm_holding_matrices(module: nn.Module) -> bool:
+    """Named like a norm but holding a weight matrix, so more than a norm (SqueezeBERT's
+    ConvDropoutLayerNorm: a projection, dropout, residual and norm): traced through."""
+    return bool(_NORM.search(type(module).__name__)) and any(p.dim() >= 2 for p in module.parameters())
+
+
 @dataclass(frozen=True)
 class LeafPolicy:
     """Extra leaves can be named by class or by qualified name (a hint when tracing fails)."""
@@ -53,6 +62,6 @@ class LeafPolicy:
             or isinstance(module, (nn.Dropout, nn.Identity))
             or isinstance(module, self.leaf_classes)
             or qualname in self.leaf_names
-            or bool(self.opaque_pattern.search(type(module).__name__))
+            or (bool(self.opaque_pattern.search(type(module).__name__)) and not _norm_holding_matrices(module))
             or type(module).__module__.startswith("torch.nn")
         )

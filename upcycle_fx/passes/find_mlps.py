@@ -193,6 +193,11 @@ def outside_uses(model: nn.Module, site: FFNSite, regions: list[CapturedRegion])
                 uses.append(OutsideUse(f"{region.absolute(node.target)} is read outside the FFN (by {users})", node))
     ids = {id(t): path for path, t in tensors.items()}
     for path, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in ids and path not in tensors:
+        same_module = model.get_submodule(path.rpartition(".")[0]) is _owner(model, ids.get(id(param)))
+        if id(param) in ids and path not in tensors and not same_module:  # a shared module is swapped whole
             uses.append(OutsideUse(f"{ids[id(param)]} is the same parameter as {path}"))
     return tuple(uses)
+
+
+def _owner(model: nn.Module, path: str | None) -> nn.Module | None:
+    return None if path is None else model.get_submodule(path.rpartition(".")[0])

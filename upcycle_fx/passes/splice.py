@@ -44,20 +44,27 @@ class SplicePlan:
 
 
 def enclosing_module(match: MLPMatch) -> str:
-    """The innermost module, called once, whose call creates every node of the FFN."""
+    """The innermost module, called once (once per call of a weight-shared FFN), whose call
+    creates every node of the FFN."""
     site, region = match.site, match.site.region
-    nodes = [n for n in site.members if n.op != "get_attr"]
+    calls = [[n for n in call.members if n.op != "get_attr"] for call in site.every_call]
     best: tuple[int, str] | None = None
     for span in region.spans:
         path = region.absolute(span.path)
-        if region.call_counts[path] == 1 and all(span.created(n) for n in nodes):
+        if (region.call_counts[path] == len(calls) and all(span.created(n) for n in calls[0])
+                and all(_created_in_a_call(region, path, call) for call in calls[1:])):
             size = span.end - span.first
             if best is None or size < best[0]:
                 best = (size, path)
     if best is None:
+        once = "once" if len(calls) == 1 else f"once per call of this weight-shared FFN ({len(calls)} times)"
         raise RewriteError(f"FFN #{match.index} ({', '.join(match.paths)}) is not inside any module "
-                           "called exactly once; it cannot be rewritten")
+                           f"called exactly {once}; it cannot be rewritten")
     return best[1]
+
+
+def _created_in_a_call(region, path: str, nodes: list[fx.Node]) -> bool:
+    return any(region.absolute(s.path) == path and all(s.created(n) for n in nodes) for s in region.spans)
 
 
 def check_spliceable(model: nn.Module, path: str) -> None:

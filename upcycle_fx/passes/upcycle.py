@@ -22,6 +22,7 @@ from ..capture.leaves import is_projection_module
 from ..config import UpcycleConfig
 from ..errors import RewriteError, UpcycleConfigError
 from ..moe import MoE, Router
+from ..moe.channels import on_channels
 from ..moe.expert_init import InitContext, initialize_experts
 from ..moe.experts import Experts, FFNWeights
 from ..moe.segments import expert_layout, layout_problem, tie_router_groups
@@ -73,18 +74,24 @@ class SwapPlan:
 
 
 def plan_swap(match: MLPMatch) -> SwapPlan | None:
-    """The module that will hold the MoE, or None if no module holds exactly this FFN."""
+    """The module that will hold the MoE, or None if no module holds exactly this FFN. A
+    weight-shared FFN needs one module that holds exactly it in each of its calls."""
     site = match.site
+    plans = {_plan_call(call, len(site.every_call)) for call in site.every_call}
+    return plans.pop() if len(plans) == 1 else None
+
+
+def _plan_call(site: FFNSite, calls: int) -> SwapPlan | None:
     region = site.region
     best: tuple[int, SwapPlan] | None = None
     for span in region.spans:
         path = region.absolute(span.path)
-        if span.inputs != [site.x] or len(span.outputs) != 1 or region.call_counts[path] != 1:
+        if span.inputs != [site.x] or len(span.outputs) != 1 or region.call_counts[path] != calls:
             continue
         created = [n for n in region.graph.nodes if span.created(n)]
         if any(n not in site.members and n.users for n in created):
             continue
-        folded = _straight_tail(span.outputs[0], site, region)
+        folded = _straight_tail(span.outputs[0], site, region, calls)
         if folded is None:
             continue
         inline = tuple(n for n, m in folded if m is None)
@@ -98,9 +105,10 @@ def plan_swap(match: MLPMatch) -> SwapPlan | None:
     return None if best is None else best[1]
 
 
-def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node, nn.Module | None]] | None:
+def _straight_tail(start: fx.Node, site: FFNSite, region,
+                   calls: int) -> list[tuple[fx.Node, nn.Module | None]] | None:
     """Leaf modules (and functional dropouts and activations, module None) from `start` to the
-    FFN output on a single-user chain, or None."""
+    FFN output on a single-user chain, each called once per call of the FFN, or None."""
     from .inline_ffn import is_inline_op  # it builds on this module's FoldedIntoMoE
 
     tail: list[tuple[fx.Node, nn.Module | None]] = []
@@ -115,7 +123,7 @@ def _straight_tail(start: fx.Node, site: FFNSite, region) -> list[tuple[fx.Node,
         if node.op != "call_module" or node.all_input_nodes != [node.args[0]] or node.kwargs:
             return None
         module = region.module(node.target)
-        if region.call_counts[region.absolute(node.target)] != 1:
+        if region.call_counts[region.absolute(node.target)] != calls:
             return None
         tail.append((node, module))
     if any(is_projection_module(m) and n is not site.y for n, m in tail):
@@ -155,24 +163,8 @@ def _inside_host(node: fx.Node | None, match: MLPMatch, plan: SwapPlan | None) -
 
 
 def dense_weights(site: FFNSite, model: nn.Module) -> FFNWeights:
-    """The FFN's weights read from `model`, in the nn.Linear layout, gate rows before up rows."""
-    up, up_bias = site.up.tensors(model)
-    down, down_bias = site.down.tensors(model)
-    half = None
-    if site.kind == "gated":
-        gate, gate_bias = site.gate.tensors(model)
-        if (gate_bias is None) != (up_bias is None):  # keep only the bias that exists
-            half = 0 if gate_bias is not None else 1
-            up_bias = gate_bias if gate_bias is not None else up_bias
-        elif up_bias is not None:
-            up_bias = torch.cat([gate_bias, up_bias])
-        up = torch.cat([gate, up])
-    elif site.kind == "fused_gated" and site.gate_half == 1:
-        up = torch.cat(up.chunk(2)[::-1])
-        up_bias = None if up_bias is None else torch.cat(up_bias.chunk(2)[::-1])
-    return FFNWeights(up.detach(), None if up_bias is None else up_bias.detach(), down.detach(),
-                      None if down_bias is None else down_bias.detach(), gated=site.kind != "dense",
-                      up_bias_half=half)
+    """The FFN's weights read from `model`, as its family stacks them (`FFNPattern.dense_weights`)."""
+    return site.dense_weights(model)
 
 
 def extract_activation(site: FFNSite) -> nn.Module:
@@ -238,6 +230,16 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     return model
 
 
+def swap_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put `module` at `path` and at every other path the module there is registered under (a
+    module shared by several blocks stays shared); returns the (possibly new) root."""
+    old = model.get_submodule(path)
+    aliases = [p for p, m in model.named_modules(remove_duplicate=False) if m is old and p != path]
+    for alias in [path, *aliases]:
+        model = set_submodule(model, alias, module)
+    return model
+
+
 def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleConfig) -> nn.Module:
     """Swap each match for an MoE in `model` (which the caller has already copied if needed).
 
@@ -262,7 +264,8 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
     for path in splices:
         check_spliceable(model, path)
     generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
-    moes = {m.index: build_moe(m, model, config, generator) for m in matches}
+    moes = {m.index: on_channels(build_moe(m, model, config, generator), m.site.channel_dim)
+            for m in matches}
     for m in matches:
         plan = swaps[m.index]
         if plan is None:
@@ -270,9 +273,9 @@ def upcycle_matches(model: nn.Module, matches: list[MLPMatch], config: UpcycleCo
         for path in plan.folded:
             replaced = model.get_submodule(path)
             folded = FoldedIntoMoE(plan.host, type(replaced).__name__).train(replaced.training)
-            model = set_submodule(model, path, folded)
+            model = swap_module(model, path, folded)
         moe = moes[m.index].train(model.get_submodule(plan.host).training)  # keep the mode it replaces
-        model = set_submodule(model, plan.host, moe)
+        model = swap_module(model, plan.host, moe)
     neutralize(model, inline.attributes)
     for path, group in splices.items():
         refused = tuple(inline.refused[m.index] for m in group if m.index in inline.refused)

@@ -6,7 +6,7 @@ timm, nn.Sequential MLPs, F.linear on raw parameters, squared ReLU, ...
 
 from __future__ import annotations
 
-from .base import FFNPattern, FFNSite, MatchResult, projection
+from .base import FFNPattern, MatchResult, projection
 from .registry import register_pattern
 
 
@@ -26,8 +26,4 @@ class DenseFFN(FFNPattern):
             return MatchResult.fail(
                 f"shapes {up.in_features}->{up.out_features}->{down.in_features}->{down.out_features} "
                 "do not map d_model back to d_model", up.node, down.node)
-        act = view.nodes[roles["act"]]
-        return MatchResult(FFNSite(
-            kind=self.kind, activation=act.activation, up=up, down=down, gate=None, gate_half=None,
-            x=up.node.args[0], y=down.node, members=self.collect_members(view, roles),
-            activation_nodes=act.members, region=view.region))
+        return self.site(view, roles, up=up, down=down)

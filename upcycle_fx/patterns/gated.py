@@ -5,6 +5,9 @@ Llama, Mistral, Qwen2 (SwiGLU), Gemma (GeGLU), T5 gated-gelu, sigmoid-gated GLU 
 
 from __future__ import annotations
 
+import torch
+
+from ..moe.experts import FFNWeights
 from .base import ANY, FFNPattern, FFNSite, MatchResult, projection
 from .registry import register_pattern
 
@@ -28,8 +31,17 @@ class GatedFFN(FFNPattern):
         if shapes != {(d_model, d_ff)}:
             return MatchResult.fail(f"gate/up shapes {sorted(shapes)} do not match down "
                                     f"{d_ff}->{d_model}", gate.node, up.node, down.node)
-        act = view.nodes[roles["act"]]
-        return MatchResult(FFNSite(
-            kind=self.kind, activation=act.activation, up=up, down=down, gate=gate, gate_half=None,
-            x=up.node.args[0], y=down.node, members=self.collect_members(view, roles),
-            activation_nodes=act.members, region=view.region))
+        return self.site(view, roles, up=up, down=down, gate=gate)
+
+    def dense_weights(self, site: FFNSite, model) -> FFNWeights:
+        """[gate; up] rows; where only one of gate and up has a bias, that half's bias alone."""
+        gate, gate_bias = site.gate.tensors(model)
+        up, up_bias = site.up.tensors(model)
+        down, down_bias = site.down.tensors(model)
+        half = None
+        if (gate_bias is None) != (up_bias is None):
+            half = 0 if gate_bias is not None else 1
+            bias = gate_bias if gate_bias is not None else up_bias
+        else:
+            bias = None if up_bias is None else torch.cat([gate_bias, up_bias])
+        return FFNWeights(torch.cat([gate, up]), bias, down, down_bias, gated=True, up_bias_half=half)

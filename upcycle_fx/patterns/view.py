@@ -7,6 +7,7 @@ the edges that cross them (edge attribute `via`), and chains of elementwise ops
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -43,6 +44,10 @@ class PatternView:
     graph: nx.DiGraph                      # nodes: tail fx.Node of each ViewNode
     nodes: dict[fx.Node, ViewNode]         # keyed by tail fx.Node
     meaning: dict[fx.Node, NodeMeaning]    # every FX node's label
+    projection_calls: Counter = field(default_factory=Counter)  # (owner, weight) -> projection nodes
+    placements: dict = field(default_factory=dict)  # pattern -> its placements (found once)
+    checked: dict = field(default_factory=dict)     # (pattern, placement) -> its MatchResult
+    shared: dict = field(default_factory=dict)      # pattern -> weight-shared FFN calls by weights
 
 
 def _resolve(node: fx.Node, meaning: dict[fx.Node, NodeMeaning], via: list[fx.Node]) -> fx.Node:
@@ -53,8 +58,19 @@ def _resolve(node: fx.Node, meaning: dict[fx.Node, NodeMeaning], via: list[fx.No
     return node
 
 
+def node_meaning(node: fx.Node, region: CapturedRegion) -> NodeMeaning:
+    """A node's meaning: the label an FFN family gives it, else the shared vocabulary's."""
+    from .registry import PATTERNS
+
+    for pattern in PATTERNS:
+        meaning = pattern.label_node(node, region)
+        if meaning is not None:
+            return meaning
+    return classify(node, region.module, region.absolute)
+
+
 def build_view(region: CapturedRegion) -> PatternView:
-    meaning = {n: classify(n, region.module, region.absolute) for n in region.graph.nodes}
+    meaning = {n: node_meaning(n, region) for n in region.graph.nodes}
     # Chain elementwise nodes: a chain continues while the previous op has this op as its only user.
     chain_of: dict[fx.Node, list[fx.Node]] = {}
     for node in region.graph.nodes:
@@ -89,7 +105,9 @@ def build_view(region: CapturedRegion) -> PatternView:
             origin = _tail_of(origin, nodes)
             if origin is not None:
                 graph.add_edge(origin, tail, via=via)
-    return PatternView(region, graph, nodes, meaning)
+    calls = Counter((m.projection.owner, m.projection.weight) for m in meaning.values()
+                    if m.projection is not None)
+    return PatternView(region, graph, nodes, meaning, calls)
 
 
 def _tail_of(node: fx.Node, nodes: dict[fx.Node, ViewNode]) -> fx.Node | None:
