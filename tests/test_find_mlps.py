@@ -79,7 +79,7 @@ def test_real_checkpoint_minilm():
 
 def test_patterns_are_declarative_networkx_graphs():
     """One registered pattern per family, each a small labelled nx.DiGraph, most specific first."""
-    assert [p.kind for p in PATTERNS] == ["fused_gated", "gated", "scaled_gated", "dense", "pointwise_conv", "dense_hidden_norm",
+    assert [p.kind for p in PATTERNS] == ["fused_gated", "gated", "dense", "pointwise_conv", "dense_hidden_norm",
                                           "gated_hidden_norm", "mixing_conv"]
     for pattern in PATTERNS:
         graph = pattern.pattern_graph()

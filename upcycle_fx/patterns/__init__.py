@@ -1,6 +1,6 @@
 """FFN patterns, one family per file, registered in matching order (most specific first)."""
 
-from . import fused_gated, gated, scaled_gated, dense, pointwise_conv, hidden_norm, mixing_conv  # noqa: F401  (registration order = matching order)
+from . import fused_gated, gated, dense, pointwise_conv, hidden_norm, mixing_conv  # noqa: F401  (registration order = matching order)
 from .base import FFNPattern, FFNSite, MatchResult
 from .registry import PATTERNS, register_pattern
 from .view import PatternView, build_view
