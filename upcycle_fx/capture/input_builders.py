@@ -9,7 +9,7 @@ returns None when the config does not say enough to build its input; the caller 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -22,13 +22,21 @@ BATCH, SEQ, DECODER_SEQ = 2, 8, 5
 
 @dataclass
 class InputContext:
-    """What a builder may read: the model, its config, the sizes and one seeded generator."""
+    """What a builder may read: the model, its config, the sizes, one seeded generator, the
+    names of the forward's parameters, and `shared`: values that builders of a set of inputs
+    agree on (one image grid for the patches, their grid and the image tokens)."""
 
     model: nn.Module
     config: Any
     generator: torch.Generator
     batch: int = BATCH
     seq: int = SEQ
+    parameters: tuple[str, ...] = ()
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def takes(self, *names: str) -> bool:
+        """Whether the forward has a parameter of one of these names."""
+        return any(name in self.parameters for name in names)
 
 
 Builder = Callable[[InputContext], "torch.Tensor | None"]
@@ -64,10 +72,4 @@ def build_decoder_input_ids(context: InputContext) -> torch.Tensor:
     return token_ids(context.config, (context.batch, DECODER_SEQ), context.generator)
 
 
-@input_builder("pixel_values")
-def build_pixel_values(context: InputContext) -> torch.Tensor:
-    config = context.config
-    channels = getattr(config, "num_channels", 3)
-    size = getattr(config, "image_size", 224)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.randn(context.batch, channels, height, width, generator=context.generator)
+from . import vision_inputs  # noqa: E402,F401  (registers the image and multimodal builders)
