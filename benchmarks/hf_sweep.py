@@ -46,7 +46,9 @@ NUM_EXPERTS, TOP_K, PATTERN, SEED = 4, 2, "every_other_mlp", 0
 # Tiny sizes, set on every attribute of these names that a (sub-)config has as an integer.
 LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
           "num_encoder_layers", "num_decoder_layers", "n_layers")
-WIDTH = ("hidden_size", "d_model", "n_embd", "dim")
+WIDTH = ("hidden_size", "d_model", "n_embd", "dim", "embedding_size",
+         # the width of another (shrunk) tower that this one reads: cross-attention keys, pooled features
+         "encoder_hidden_size", "cross_attention_hidden_size", "pooler_output_size")
 FFN = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim")
 HEADS = ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads", "n_head",
          "num_heads", "n_heads")
@@ -157,6 +159,39 @@ def _set(config, name: str, value) -> None:
         pass
 
 
+def _reads_mrope_sections(config) -> bool:
+    """Whether the model code of `config` splits its rotary frequencies into multimodal sections
+    (`rope_parameters["mrope_section"]`, with a default sized for the full head)."""
+    import importlib
+    import inspect
+
+    module = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        return "mrope_section" in inspect.getsource(importlib.import_module(module))
+    except Exception:  # noqa: BLE001 - no modeling module, no sections
+        return False
+
+
+def _shrink_mrope_sections(config) -> None:
+    """Multimodal rotary sections that fit the tiny head: (t, h, w) summing to head_dim / 2."""
+    rope = getattr(config, "rope_parameters", None)
+    head_dim = _read(config, "head_dim")
+    if not _is_int(head_dim) and _is_int(_read(config, "hidden_size")) and _is_int(_read(config, "num_attention_heads")):
+        head_dim = config.hidden_size // config.num_attention_heads
+    if isinstance(rope, dict) and _is_int(head_dim) and _reads_mrope_sections(config):
+        half = head_dim // 2
+        rope["mrope_section"] = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+
+
+def _tiny_image_size(config) -> int:
+    """IMAGE_SIZE, or for a windowed hierarchical model (Swin: `window_size`, `depths`) the
+    smallest size whose last stage still holds one whole window."""
+    window, depths, patch = (getattr(config, n, None) for n in ("window_size", "depths", "patch_size"))
+    if _is_int(window) and isinstance(depths, list) and depths and _is_int(patch):
+        return max(IMAGE_SIZE, patch * window * 2 ** (len(depths) - 1))
+    return IMAGE_SIZE
+
+
 def shrink(config) -> None:
     """Set the tiny sizes on `config` and its nested sub-configs, in place."""
     for name, value in TINY.items():
@@ -171,12 +206,13 @@ def shrink(config) -> None:
         value = _read(config, name)
         if layers and isinstance(value, list) and len(value) > layers:
             _set(config, name, value[:layers])
-    if _is_int(getattr(config, "image_size", None)):
-        config.image_size = IMAGE_SIZE
     if _is_int(getattr(config, "patch_size", None)) and config.patch_size > PATCH_SIZE:
         config.patch_size = PATCH_SIZE
+    if _is_int(getattr(config, "image_size", None)):
+        config.image_size = _tiny_image_size(config)
     if _is_int(getattr(config, "vocab_size", None)):
         _small_token_ids(config, config.vocab_size)
+    _shrink_mrope_sections(config)
     for sub in _sub_configs(config):
         shrink(sub)
 

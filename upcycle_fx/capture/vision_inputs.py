@@ -15,6 +15,7 @@ kept in `InputContext.shared`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,15 +63,25 @@ def _int(config, *names: str, default: int) -> int:
 
 
 def image_size(config) -> tuple[int, int]:
-    """(height, width) the vision config declares (`image_size` as an int, a pair or a dict)."""
+    """(height, width) the vision config declares (`image_size` as an int, a pair or a dict),
+    large enough for a detector's `num_queries` (see `_size_for_queries`)."""
     size = getattr(vision_config(config), "image_size", None)
     if isinstance(size, dict):
         size = (size.get("height"), size.get("width"))
     if isinstance(size, int) and not isinstance(size, bool):
-        return size, size
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size):
-        return tuple(size)
-    return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+        size = (size, size)
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        size = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    least = _size_for_queries(config)
+    return max(size[0], least), max(size[1], least)
+
+
+def _size_for_queries(config) -> int:
+    """The side (a multiple of 32) whose stride-8 feature map alone has `num_queries` positions:
+    two-stage detectors (RT-DETR, Grounding DINO) pick their queries among them."""
+    queries = _int(config, "num_queries", default=0)
+    side = 8 * math.ceil(math.sqrt(queries))
+    return 32 * math.ceil(side / 32)
 
 
 def num_channels(config) -> int:
