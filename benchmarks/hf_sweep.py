@@ -57,7 +57,7 @@ TINY = {**dict.fromkeys(LAYERS, 2), **dict.fromkeys(WIDTH, 64), **dict.fromkeys(
 MAX_POSITIONS = 128
 POSITION_NAMES = ("max_position_embeddings", "n_positions", "n_ctx", "max_source_positions",
                   "max_target_positions")
-IMAGE_SIZE, PATCH_SIZE = 32, 8
+IMAGE_SIZE, PATCH_SIZE, WINDOW = 32, 8, 2
 UNSET_IS_DEFAULT = ("head_dim", "num_key_value_heads", "vocab_size")  # None: derived or required
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -184,11 +184,12 @@ def _shrink_mrope_sections(config) -> None:
 
 
 def _tiny_image_size(config) -> int:
-    """IMAGE_SIZE, or for a windowed hierarchical model (Swin: `window_size`, `depths`) the
-    smallest size whose last stage still holds one whole window."""
+    """IMAGE_SIZE, or for a windowed hierarchical model (Swin: `window_size`, `depths`) windows of
+    2 x 2 patches and the smallest size whose last stage still holds one whole window."""
     window, depths, patch = (getattr(config, n, None) for n in ("window_size", "depths", "patch_size"))
-    if _is_int(window) and isinstance(depths, list) and depths and _is_int(patch):
-        return max(IMAGE_SIZE, patch * window * 2 ** (len(depths) - 1))
+    if _is_int(window) and isinstance(depths, (list, tuple)) and depths and _is_int(patch):
+        config.window_size = min(window, WINDOW)
+        return max(IMAGE_SIZE, patch * config.window_size * 2 ** (len(depths) - 1))
     return IMAGE_SIZE
 
 

@@ -41,6 +41,8 @@ class InputContext:
 
 Builder = Callable[[InputContext], "torch.Tensor | None"]
 BUILDERS: dict[str, Builder] = {}
+Variants = Callable[[InputContext, torch.Tensor], "list[torch.Tensor]"]
+VARIANTS: dict[str, Variants] = {}
 
 
 def input_builder(*names: str) -> Callable[[Builder], Builder]:
@@ -48,6 +50,17 @@ def input_builder(*names: str) -> Callable[[Builder], Builder]:
     def register(fn: Builder) -> Builder:
         for name in names:
             BUILDERS[name] = fn
+        return fn
+    return register
+
+
+def input_variants(*names: str) -> Callable[[Variants], Variants]:
+    """Decorator: `fn(context, tensor) -> [tensor, ...]` gives other layouts of the built input
+    (a clip as frames, an image as a one-frame clip...), tried in order when the model does not
+    run on the first; the config alone does not always say which layout the forward takes."""
+    def register(fn: Variants) -> Variants:
+        for name in names:
+            VARIANTS[name] = fn
         return fn
     return register
 

@@ -113,7 +113,8 @@ def hf_example_inputs(model: nn.Module, batch: int = _BATCH, seq: int = _SEQ) ->
     if any(p.is_meta for p in model.parameters()):  # a skeleton: nothing to run the guess on
         return candidates[0]
     unbuilt = [name for name in required + optional if name not in BUILDERS and name not in _SETTINGS]
-    return _first_that_runs(model, candidates, unbuilt)
+    return _first_that_runs(model, [trial for inputs in candidates
+                                     for trial in [inputs, *_layouts(context, inputs)]], unbuilt)
 
 
 _SETTINGS = frozenset({"return_dict", "use_cache", "output_attentions", "output_hidden_states",
@@ -171,31 +172,50 @@ def _build(model: nn.Module, context, names: list[str], strict: bool) -> ModelIn
     return ModelInputs((), kwargs)
 
 
+def _layouts(context, inputs: ModelInputs) -> list[ModelInputs]:
+    """`inputs` with one input in another layout its builder offers (`input_variants`)."""
+    from .input_builders import VARIANTS
+
+    trials = []
+    for name, tensor in inputs.kwargs.items():
+        for other in VARIANTS[name](context, tensor) if name in VARIANTS else []:
+            trials.append(ModelInputs((), {**inputs.kwargs, name: other}))
+    return trials
+
+
+def _depth(refusal: CaptureError) -> int:
+    """How deep in the module tree the forward failed: 0 for the model's own forward."""
+    where = str(refusal).split(" fails in ", 1)[-1].split(" ", 1)[0]
+    return 0 if where == "<model>" else where.count(".") + 1
+
+
 def _describe(inputs: ModelInputs) -> str:
     return ", ".join(f"{name} {list(value.shape)}" for name, value in inputs.kwargs.items())
 
 
 def _first_that_runs(model: nn.Module, candidates: list[ModelInputs], unbuilt: list[str]) -> ModelInputs:
     """The first candidate the model runs on (the model left as found); CaptureError naming the
-    inputs built, where the forward refused the fullest set and why, and the inputs no builder
-    knows."""
+    inputs built, where the forward refused them and why, and the inputs no builder knows. Of
+    the refusals the one told is of the fullest set, in the layout that ran deepest into the
+    model (the others stopped at an input check)."""
     from .regions import record_module_inputs
     from .snapshot import left_as_found
 
     fixed = hf_fixed_kwargs(model)
-    error: CaptureError | None = None
+    refusals = []
     for inputs in candidates:
         try:
             with left_as_found(model):
                 record_module_inputs(model, ModelInputs((), {**fixed, **inputs.kwargs}))
             return inputs
         except CaptureError as refused:
-            error = refused
+            refusals.append((len(inputs.kwargs), _depth(refused), refused, inputs))
+    *_, error, refused_set = max(refusals, key=lambda r: r[:2])
     text = str(error)
     where = text.split("example_inputs ", 1)[-1].split(". Pass inputs", 1)[0]
     missing = f"; it also takes {', '.join(unbuilt)}, which no builder makes" if unbuilt else ""
     raise CaptureError(
-        f"{type(model).__name__}: the example inputs built from its config ({_describe(candidates[-1])}) "
+        f"{type(model).__name__}: the example inputs built from its config ({_describe(refused_set)}) "
         f"do not run: the forward {where}{missing}. Pass example_inputs={{...}} with the inputs of "
         "one ordinary forward call.") from error
 

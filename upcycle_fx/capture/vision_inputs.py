@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
-from .input_builders import InputContext, input_builder, token_ids
+from .input_builders import InputContext, input_builder, input_variants, token_ids
 
 DEFAULT_IMAGE_SIZE = 64  # for a config that declares none (DETR-style detectors): 2x2 after /32
 GRID_INPUTS = ("grid_thw", "image_grid_thw")
+MERGE_NAMES = ("spatial_merge_size", "merge_size", "merge_kernel_size")
+TEMPORAL_NAMES = ("temporal_patch_size", "patch_temporal")
 NUM_BOXES = 4
 
 
@@ -99,7 +101,7 @@ def image_grid(context: InputContext) -> tuple[int, int, int, int]:
     """(images, t, h, w) in patches, shared by the patches, their grid and the merge sizes: each
     side two merged patches (`spatial_merge_size`), one temporal patch."""
     if "image_grid" not in context.shared:
-        merge = _int(vision_config(context.config), "spatial_merge_size", "merge_size", default=1)
+        merge = _int(vision_config(context.config), *MERGE_NAMES, default=1)
         context.shared["image_grid"] = (context.batch, 1, 2 * merge, 2 * merge)
     return context.shared["image_grid"]
 
@@ -109,7 +111,7 @@ def flat_patches(context: InputContext) -> torch.Tensor:
     processor makes them."""
     config = vision_config(context.config)
     images, t, h, w = image_grid(context)
-    temporal = _int(config, "temporal_patch_size", default=1)
+    temporal = _int(config, *TEMPORAL_NAMES, default=1)
     width = num_channels(context.config) * temporal * patch_size(context.config) ** 2
     return torch.randn(images * t * h * w, width, generator=context.generator)
 
@@ -130,7 +132,7 @@ def build_grid_thw(context: InputContext) -> torch.Tensor:
 
 @input_builder("merge_sizes")
 def build_merge_sizes(context: InputContext) -> torch.Tensor:
-    merge = _int(vision_config(context.config), "spatial_merge_size", "merge_size", default=1)
+    merge = _int(vision_config(context.config), *MERGE_NAMES, default=1)
     return torch.full((image_grid(context)[0],), merge, dtype=torch.long)
 
 
@@ -151,7 +153,8 @@ def build_pixel_attention_mask(context: InputContext) -> torch.Tensor:
 @input_builder("pixel_values", "prompt_pixel_values")
 def build_pixel_values(context: InputContext) -> torch.Tensor:
     """Flattened patches when the forward takes their grid, a patch sequence when it takes
-    `spatial_shapes`, clips when the config declares `num_frames`, else a batch of images."""
+    `spatial_shapes`, tiled images [batch, 1, tiles, ...] when the config declares
+    `max_num_tiles`, clips when it declares `num_frames`, else a batch of images."""
     if context.takes(*GRID_INPUTS):
         return flat_patches(context)
     channels = num_channels(context.config)
@@ -161,8 +164,47 @@ def build_pixel_values(context: InputContext) -> torch.Tensor:
         return torch.randn(context.batch, h * w, width, generator=context.generator)
     height, width = image_size(context.config)
     frames = _int(vision_config(context.config), "num_frames", default=0)
-    shape = (context.batch, frames) if frames else (context.batch,)
+    tiles = _int(vision_config(context.config), "max_num_tiles", default=0)
+    shape = (context.batch, 1, tiles) if tiles else (context.batch, frames) if frames else (context.batch,)
     return torch.randn(*shape, channels, height, width, generator=context.generator)
+
+
+@input_builder("aspect_ratio_ids")
+def build_aspect_ratio_ids(context: InputContext) -> torch.Tensor:
+    """One image per sample, of the first supported aspect ratio (id 1: one tile)."""
+    return torch.ones(context.batch, 1, dtype=torch.long)
+
+
+@input_builder("aspect_ratio_mask")
+def build_aspect_ratio_mask(context: InputContext) -> torch.Tensor:
+    """The first tile of each image real, the others padding."""
+    tiles = _int(vision_config(context.config), "max_num_tiles", default=1)
+    mask = torch.zeros(context.batch, 1, tiles, dtype=torch.long)
+    mask[:, :, 0] = 1
+    return mask
+
+
+@input_variants("pixel_values")
+def pixel_values_layouts(context: InputContext, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """Other layouts of the same pixels: clips as a batch of frames; images as one-frame clips
+    or as pairs (image matchers); flattened patches as [patches, channels, (temporal,) p, p] or
+    one batch of them."""
+    if pixels.dim() == 5:
+        return [pixels.flatten(0, 1)]
+    if pixels.dim() == 4:
+        return [pixels.unsqueeze(1), torch.stack([pixels, pixels.flip(0)], dim=1)]
+    if pixels.dim() == 2:
+        channels, patch = num_channels(context.config), patch_size(context.config)
+        temporal = pixels.shape[1] // (channels * patch * patch)
+        shaped = [pixels.reshape(-1, channels, patch, patch)] if temporal == 1 else []
+        return shaped + [pixels.reshape(-1, channels, temporal, patch, patch), pixels.unsqueeze(0)]
+    return []
+
+
+@input_builder("image_attention_mask")
+def build_image_attention_mask(context: InputContext) -> torch.Tensor:
+    """Every text token sees the sample's one image."""
+    return torch.ones(context.batch, context.seq, 1, dtype=torch.long)
 
 
 @input_builder("prompt_masks")
