@@ -183,6 +183,23 @@ def _shrink_mrope_sections(config) -> None:
         rope["mrope_section"] = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
 
 
+def _fit_head_parts(config) -> None:
+    """Sizes that must fit inside the tiny head or width: a partial rotary dimension (GPT-J) at
+    half the head, the rotary head of multi-head latent attention as the head_dim its rotary
+    embedding reads (and as many key/value heads as heads), and LayoutLMv3's 2-D position parts (4 coordinates + 2 shapes = width)."""
+    heads, width = _read(config, "num_attention_heads") or _read(config, "n_head"), _read(config, "hidden_size") \
+        or _read(config, "n_embd")
+    if _is_int(_read(config, "rotary_dim")) and _is_int(heads) and _is_int(width):
+        _set(config, "rotary_dim", min(config.rotary_dim, width // heads // 2))
+    if _is_int(_read(config, "qk_rope_head_dim")) and _is_int(_read(config, "head_dim")):
+        _set(config, "head_dim", config.qk_rope_head_dim)
+        if _is_int(_read(config, "num_key_value_heads")) and _is_int(heads):
+            _set(config, "num_key_value_heads", heads)  # latent keys and values: one per head
+    if _is_int(_read(config, "coordinate_size")) and _is_int(_read(config, "shape_size")) and _is_int(width):
+        _set(config, "coordinate_size", width // 6)
+        _set(config, "shape_size", (width - 4 * (width // 6)) // 2)
+
+
 def _tiny_image_size(config) -> int:
     """IMAGE_SIZE, or for a windowed hierarchical model (Swin: `window_size`, `depths`) windows of
     2 x 2 patches and the smallest size whose last stage still holds one whole window."""
@@ -214,6 +231,7 @@ def shrink(config) -> None:
     if _is_int(getattr(config, "vocab_size", None)):
         _small_token_ids(config, config.vocab_size)
     _shrink_mrope_sections(config)
+    _fit_head_parts(config)
     for sub in _sub_configs(config):
         shrink(sub)
 
