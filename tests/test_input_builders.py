@@ -119,3 +119,15 @@ def test_inputs_the_model_refuses_are_a_named_error_saying_which_and_why():
     message = str(caught.value)
     assert "input_ids [2, 8]" in message and "You have to specify the audio features" in message
     assert "example_inputs=" in message
+
+
+def test_a_pooled_patch_sequence_gets_positions_that_match_its_patches():
+    """Gemma 4's vision tower: forward(pixel_values [batch, patches, C*p*p], pixel_position_ids)."""
+    from upcycle_fx.capture.input_builders import BUILDERS
+
+    config = PretrainedConfig(patch_size=8, pooling_kernel_size=3)
+    context = InputContext(None, config, torch.Generator().manual_seed(0),
+                           parameters=("pixel_values", "pixel_position_ids"))
+    pixels, positions = BUILDERS["pixel_values"](context), BUILDERS["pixel_position_ids"](context)
+    assert pixels.shape == (2, 36, 3 * 8 * 8) and positions.shape == (2, 36, 2)
+    assert positions[0, 7].tolist() == [1, 1]  # row by row in a 6 x 6 grid: two pooling windows a side

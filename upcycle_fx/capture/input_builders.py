@@ -85,4 +85,10 @@ def build_decoder_input_ids(context: InputContext) -> torch.Tensor:
     return token_ids(context.config, (context.batch, DECODER_SEQ), context.generator)
 
 
+@input_builder("lang_ids")
+def build_lang_ids(context: InputContext) -> torch.Tensor:
+    """The first language of a multilingual model with per-language modules (X-MOD)."""
+    return torch.zeros(context.batch, dtype=torch.long)
+
+
 from . import vision_inputs  # noqa: E402,F401  (registers the image and multimodal builders)

@@ -7,7 +7,7 @@ Three forms of images, told apart by what the forward and the config declare:
 - flattened patches `[patches, channels * temporal_patch * patch * patch]` with their grid, when
   the forward takes a grid (`grid_thw`, `image_grid_thw`: Qwen2-VL-style vision towers);
 - patch sequences `[batch, patches, channels * patch * patch]` with `spatial_shapes` and a
-  `pixel_attention_mask` (NaFlex / SigLIP2-style).
+  `pixel_attention_mask` (NaFlex / SigLIP2-style) or with `pixel_position_ids` (Gemma 4).
 
 The builders of one set of inputs (patches, their grid, the merge sizes) agree on one image grid
 kept in `InputContext.shared`.
@@ -24,6 +24,7 @@ from .input_builders import InputContext, input_builder, input_variants, token_i
 
 DEFAULT_IMAGE_SIZE = 64  # for a config that declares none (DETR-style detectors): 2x2 after /32
 GRID_INPUTS = ("grid_thw", "image_grid_thw")
+SEQUENCE_INPUTS = ("spatial_shapes", "pixel_position_ids")
 MERGE_NAMES = ("spatial_merge_size", "merge_size", "merge_kernel_size")
 TEMPORAL_NAMES = ("temporal_patch_size", "patch_temporal")
 NUM_BOXES = 4
@@ -117,8 +118,12 @@ def flat_patches(context: InputContext) -> torch.Tensor:
 
 
 def _flat_grid(context: InputContext) -> tuple[int, int]:
-    """(h, w) in patches of a NaFlex-style patch sequence: the config's patch count as a square
-    when it declares one, else 4 x 4."""
+    """(h, w) in patches of a NaFlex-style patch sequence: two pooling windows a side when the
+    config pools patches (`pooling_kernel_size`), else its patch count as a square when it
+    declares one, else 4 x 4."""
+    pool = _int(vision_config(context.config), "pooling_kernel_size", default=0)
+    if pool:
+        return 2 * pool, 2 * pool
     count = _int(vision_config(context.config), "num_patches", default=16)
     side = max(1, int(count ** 0.5))
     return side, side
@@ -141,6 +146,14 @@ def build_spatial_shapes(context: InputContext) -> torch.Tensor:
     return torch.tensor([_flat_grid(context)] * context.batch, dtype=torch.long)
 
 
+@input_builder("pixel_position_ids")
+def build_pixel_position_ids(context: InputContext) -> torch.Tensor:
+    """The (x, y) patch coordinates of each patch of the sequence, row by row."""
+    h, w = _flat_grid(context)
+    index = torch.arange(h * w)
+    return torch.stack([index % w, index // w], dim=-1).expand(context.batch, -1, -1).clone()
+
+
 @input_builder("pixel_attention_mask")
 def build_pixel_attention_mask(context: InputContext) -> torch.Tensor:
     h, w = _flat_grid(context)
@@ -153,12 +166,12 @@ def build_pixel_attention_mask(context: InputContext) -> torch.Tensor:
 @input_builder("pixel_values", "prompt_pixel_values")
 def build_pixel_values(context: InputContext) -> torch.Tensor:
     """Flattened patches when the forward takes their grid, a patch sequence when it takes
-    `spatial_shapes`, tiled images [batch, 1, tiles, ...] when the config declares
+    `spatial_shapes` or `pixel_position_ids`, tiled images [batch, 1, tiles, ...] when the config declares
     `max_num_tiles`, clips when it declares `num_frames`, else a batch of images."""
     if context.takes(*GRID_INPUTS):
         return flat_patches(context)
     channels = num_channels(context.config)
-    if context.takes("spatial_shapes"):
+    if context.takes(*SEQUENCE_INPUTS):
         h, w = _flat_grid(context)
         width = channels * patch_size(context.config) ** 2
         return torch.randn(context.batch, h * w, width, generator=context.generator)
