@@ -183,6 +183,15 @@ def _shrink_mrope_sections(config) -> None:
         rope["mrope_section"] = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
 
 
+def _fold_layer_indices(config, layers: int) -> None:
+    """Lists of layer indices (`intermediate_layers_indices`, `fullatt_block_indexes`...) folded
+    into the tiny depth, their length kept: the widths that depend on their count stay valid."""
+    for name, value in list(vars(config).items()):
+        if name.endswith(("_indices", "_indexes")) and isinstance(value, list) and value \
+                and all(_is_int(v) and v >= 0 for v in value) and max(value) >= layers:
+            _set(config, name, [v % layers for v in value])
+
+
 def _fit_head_parts(config) -> None:
     """Sizes that must fit inside the tiny head or width: a partial rotary dimension (GPT-J) at
     half the head, the rotary head of multi-head latent attention as the head_dim its rotary
@@ -220,6 +229,8 @@ def shrink(config) -> None:
         if _is_int(_read(config, name)) and _read(config, name) > MAX_POSITIONS:
             _set(config, name, MAX_POSITIONS)
     layers = next((getattr(config, n) for n in LAYERS if _is_int(_read(config, n))), None)
+    if layers:
+        _fold_layer_indices(config, layers)
     for name in ("layer_types", "block_types", "layers_block_type"):
         value = _read(config, name)
         if layers and isinstance(value, list) and len(value) > layers:

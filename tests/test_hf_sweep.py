@@ -90,3 +90,9 @@ def test_tiny_config_fits_partial_rotary_and_latent_attention_heads():
     youtu = hf_sweep.tiny_config("youtu")
     assert youtu.head_dim == youtu.qk_rope_head_dim
     assert youtu.num_key_value_heads == youtu.num_attention_heads
+
+
+def test_tiny_config_folds_layer_indices_into_the_tiny_depth():
+    vision = hf_sweep.tiny_config("mllama_vision_model")
+    assert len(vision.intermediate_layers_indices) == 5  # the width of its output depends on the count
+    assert max(vision.intermediate_layers_indices) < vision.num_hidden_layers
