@@ -185,9 +185,10 @@ def _shrink_mrope_sections(config) -> None:
 
 def _fold_layer_indices(config, layers: int) -> None:
     """Lists of layer indices (`intermediate_layers_indices`, `fullatt_block_indexes`...) folded
-    into the tiny depth, their length kept: the widths that depend on their count stay valid."""
+    into the tiny depth, their length kept: the widths that depend on their count stay valid.
+    A backbone's `out_indices` count stages, not layers, and must stay distinct."""
     for name, value in list(vars(config).items()):
-        if name.endswith(("_indices", "_indexes")) and isinstance(value, list) and value \
+        if name.endswith(("_indices", "_indexes")) and not name.endswith("out_indices") and isinstance(value, list) and value \
                 and all(_is_int(v) and v >= 0 for v in value) and max(value) >= layers:
             _set(config, name, [v % layers for v in value])
 

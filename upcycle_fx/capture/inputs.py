@@ -195,9 +195,9 @@ def _describe(inputs: ModelInputs) -> str:
 
 def _first_that_runs(model: nn.Module, candidates: list[ModelInputs], unbuilt: list[str]) -> ModelInputs:
     """The first candidate the model runs on (the model left as found); CaptureError naming the
-    inputs built, where the forward refused them and why, and the inputs no builder knows. Of
-    the refusals the one told is of the fullest set, in the layout that ran deepest into the
-    model (the others stopped at an input check)."""
+    inputs built, where the forward refused them and why, and the inputs no builder knows. The
+    refusal told is of the fullest set in its first layout or, when the model's forward itself
+    refused that layout (an input check), in the layout that ran deepest into the model."""
     from .regions import record_module_inputs
     from .snapshot import left_as_found
 
@@ -209,8 +209,11 @@ def _first_that_runs(model: nn.Module, candidates: list[ModelInputs], unbuilt: l
                 record_module_inputs(model, ModelInputs((), {**fixed, **inputs.kwargs}))
             return inputs
         except CaptureError as refused:
-            refusals.append((len(inputs.kwargs), _depth(refused), refused, inputs))
-    *_, error, refused_set = max(refusals, key=lambda r: r[:2])
+            refusals.append((refused, inputs))
+    fullest = [r for r in refusals if r[1].kwargs.keys() == refusals[-1][1].kwargs.keys()]
+    error, refused_set = fullest[0]  # its first layout, unless the forward's own check refused it
+    if _depth(error) == 0:
+        error, refused_set = max(fullest, key=lambda r: _depth(r[0]))
     text = str(error)
     where = text.split("example_inputs ", 1)[-1].split(". Pass inputs", 1)[0]
     missing = f"; it also takes {', '.join(unbuilt)}, which no builder makes" if unbuilt else ""
