@@ -69,6 +69,7 @@ TASK_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASK
 RESULTS = ("converted", "named error", "raw exception", "does not build at tiny size", "already MoE",
            "not a transformer", "no model class", "timeout")
 
+READY, STARTUP_TIMEOUT = "ready", 600.0  # the child's message once imported; seconds to wait for it
 ATTENTION = re.compile(r"attention|attn", re.IGNORECASE)
 
 
@@ -346,10 +347,14 @@ def _worker(connection) -> None:
     logging.disable(logging.WARNING)
     try:
         import transformers
+        from transformers.models.auto import configuration_auto, modeling_auto  # noqa: F401
+
+        import upcycle_fx  # noqa: F401  (all imported before the first model's clock starts)
 
         transformers.logging.set_verbosity_error()
     except Exception:  # noqa: BLE001 - the records say what fails
         pass
+    connection.send(READY)
     while True:
         model_type = connection.recv()
         if model_type is None:
@@ -371,6 +376,12 @@ class Worker:
         self.process = context.Process(target=_worker, args=(child,), daemon=True)
         self.process.start()
         child.close()
+        # The imports (torch, transformers) are not the first model's time: wait for them here.
+        try:
+            if self.connection.poll(STARTUP_TIMEOUT):
+                self.connection.recv()
+        except (EOFError, OSError):  # died while importing: its first model reports it
+            pass
 
     def run(self, model_type: str, timeout: float) -> dict | None:
         """The record, or None when the child did not answer in time or died."""

@@ -96,3 +96,20 @@ def test_tiny_config_folds_layer_indices_into_the_tiny_depth():
     vision = hf_sweep.tiny_config("mllama_vision_model")
     assert len(vision.intermediate_layers_indices) == 5  # the width of its output depends on the count
     assert max(vision.intermediate_layers_indices) < vision.num_hidden_layers
+
+
+def test_the_timeout_does_not_count_the_child_process_imports():
+    """The child says it is ready once torch, transformers and upcycle_fx are imported, before
+    it takes its first model; Worker() waits for that, so a restart's imports are not charged to
+    the next model's timeout."""
+    class Connection:
+        sent: list = []
+
+        def send(self, message):
+            self.sent.append(message)
+
+        def recv(self):
+            return None  # no model: the child returns
+
+    hf_sweep._worker(Connection())
+    assert Connection.sent == [hf_sweep.READY]
