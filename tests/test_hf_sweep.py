@@ -3,6 +3,7 @@ child process included, gives what the committed docs/coverage.md reports."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -111,5 +112,8 @@ def test_the_timeout_does_not_count_the_child_process_imports():
         def recv(self):
             return None  # no model: the child returns
 
-    hf_sweep._worker(Connection())
+    try:
+        hf_sweep._worker(Connection())
+    finally:
+        logging.disable(logging.NOTSET)  # the child's setting, undone for the tests that follow
     assert Connection.sent == [hf_sweep.READY]
