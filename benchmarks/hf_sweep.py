@@ -46,7 +46,9 @@ NUM_EXPERTS, TOP_K, PATTERN, SEED = 4, 2, "every_other_mlp", 0
 # Tiny sizes, set on every attribute of these names that a (sub-)config has as an integer.
 LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
           "num_encoder_layers", "num_decoder_layers", "n_layers")
-WIDTH = ("hidden_size", "d_model", "n_embd", "dim")
+WIDTH = ("hidden_size", "d_model", "n_embd", "dim", "embedding_size",
+         # the width of another (shrunk) tower that this one reads: cross-attention keys, pooled features
+         "encoder_hidden_size", "cross_attention_hidden_size", "pooler_output_size")
 FFN = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim")
 HEADS = ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads", "n_head",
          "num_heads", "n_heads")
@@ -55,7 +57,7 @@ TINY = {**dict.fromkeys(LAYERS, 2), **dict.fromkeys(WIDTH, 64), **dict.fromkeys(
 MAX_POSITIONS = 128
 POSITION_NAMES = ("max_position_embeddings", "n_positions", "n_ctx", "max_source_positions",
                   "max_target_positions")
-IMAGE_SIZE, PATCH_SIZE = 32, 8
+IMAGE_SIZE, PATCH_SIZE, WINDOW = 32, 8, 2
 UNSET_IS_DEFAULT = ("head_dim", "num_key_value_heads", "vocab_size")  # None: derived or required
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -67,6 +69,7 @@ TASK_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASK
 RESULTS = ("converted", "named error", "raw exception", "does not build at tiny size", "already MoE",
            "not a transformer", "no model class", "timeout")
 
+READY, STARTUP_TIMEOUT = "ready", 600.0  # the child's message once imported; seconds to wait for it
 ATTENTION = re.compile(r"attention|attn", re.IGNORECASE)
 
 
@@ -157,6 +160,67 @@ def _set(config, name: str, value) -> None:
         pass
 
 
+def _reads_mrope_sections(config) -> bool:
+    """Whether the model code of `config` splits its rotary frequencies into multimodal sections
+    (`rope_parameters["mrope_section"]`, with a default sized for the full head)."""
+    import importlib
+    import inspect
+
+    module = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        return "mrope_section" in inspect.getsource(importlib.import_module(module))
+    except Exception:  # noqa: BLE001 - no modeling module, no sections
+        return False
+
+
+def _shrink_mrope_sections(config) -> None:
+    """Multimodal rotary sections that fit the tiny head: (t, h, w) summing to head_dim / 2."""
+    rope = getattr(config, "rope_parameters", None)
+    head_dim = _read(config, "head_dim")
+    if not _is_int(head_dim) and _is_int(_read(config, "hidden_size")) and _is_int(_read(config, "num_attention_heads")):
+        head_dim = config.hidden_size // config.num_attention_heads
+    if isinstance(rope, dict) and _is_int(head_dim) and _reads_mrope_sections(config):
+        half = head_dim // 2
+        rope["mrope_section"] = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+
+
+def _fold_layer_indices(config, layers: int) -> None:
+    """Lists of layer indices (`intermediate_layers_indices`, `fullatt_block_indexes`...) folded
+    into the tiny depth, their length kept: the widths that depend on their count stay valid.
+    A backbone's `out_indices` count stages, not layers, and must stay distinct."""
+    for name, value in list(vars(config).items()):
+        if name.endswith(("_indices", "_indexes")) and not name.endswith("out_indices") and isinstance(value, list) and value \
+                and all(_is_int(v) and v >= 0 for v in value) and max(value) >= layers:
+            _set(config, name, [v % layers for v in value])
+
+
+def _fit_head_parts(config) -> None:
+    """Sizes that must fit inside the tiny head or width: a partial rotary dimension (GPT-J) at
+    half the head, the rotary head of multi-head latent attention as the head_dim its rotary
+    embedding reads (and as many key/value heads as heads), and LayoutLMv3's 2-D position parts (4 coordinates + 2 shapes = width)."""
+    heads, width = _read(config, "num_attention_heads") or _read(config, "n_head"), _read(config, "hidden_size") \
+        or _read(config, "n_embd")
+    if _is_int(_read(config, "rotary_dim")) and _is_int(heads) and _is_int(width):
+        _set(config, "rotary_dim", min(config.rotary_dim, width // heads // 2))
+    if _is_int(_read(config, "qk_rope_head_dim")) and _is_int(_read(config, "head_dim")):
+        _set(config, "head_dim", config.qk_rope_head_dim)
+        if _is_int(_read(config, "num_key_value_heads")) and _is_int(heads):
+            _set(config, "num_key_value_heads", heads)  # latent keys and values: one per head
+    if _is_int(_read(config, "coordinate_size")) and _is_int(_read(config, "shape_size")) and _is_int(width):
+        _set(config, "coordinate_size", width // 6)
+        _set(config, "shape_size", (width - 4 * (width // 6)) // 2)
+
+
+def _tiny_image_size(config) -> int:
+    """IMAGE_SIZE, or for a windowed hierarchical model (Swin: `window_size`, `depths`) windows of
+    2 x 2 patches and the smallest size whose last stage still holds one whole window."""
+    window, depths, patch = (getattr(config, n, None) for n in ("window_size", "depths", "patch_size"))
+    if _is_int(window) and isinstance(depths, (list, tuple)) and depths and _is_int(patch):
+        config.window_size = min(window, WINDOW)
+        return max(IMAGE_SIZE, patch * config.window_size * 2 ** (len(depths) - 1))
+    return IMAGE_SIZE
+
+
 def shrink(config) -> None:
     """Set the tiny sizes on `config` and its nested sub-configs, in place."""
     for name, value in TINY.items():
@@ -167,16 +231,20 @@ def shrink(config) -> None:
         if _is_int(_read(config, name)) and _read(config, name) > MAX_POSITIONS:
             _set(config, name, MAX_POSITIONS)
     layers = next((getattr(config, n) for n in LAYERS if _is_int(_read(config, n))), None)
+    if layers:
+        _fold_layer_indices(config, layers)
     for name in ("layer_types", "block_types", "layers_block_type"):
         value = _read(config, name)
         if layers and isinstance(value, list) and len(value) > layers:
             _set(config, name, value[:layers])
-    if _is_int(getattr(config, "image_size", None)):
-        config.image_size = IMAGE_SIZE
     if _is_int(getattr(config, "patch_size", None)) and config.patch_size > PATCH_SIZE:
         config.patch_size = PATCH_SIZE
+    if _is_int(getattr(config, "image_size", None)):
+        config.image_size = _tiny_image_size(config)
     if _is_int(getattr(config, "vocab_size", None)):
         _small_token_ids(config, config.vocab_size)
+    _shrink_mrope_sections(config)
+    _fit_head_parts(config)
     for sub in _sub_configs(config):
         shrink(sub)
 
@@ -279,10 +347,14 @@ def _worker(connection) -> None:
     logging.disable(logging.WARNING)
     try:
         import transformers
+        from transformers.models.auto import configuration_auto, modeling_auto  # noqa: F401
+
+        import upcycle_fx  # noqa: F401  (all imported before the first model's clock starts)
 
         transformers.logging.set_verbosity_error()
     except Exception:  # noqa: BLE001 - the records say what fails
         pass
+    connection.send(READY)
     while True:
         model_type = connection.recv()
         if model_type is None:
@@ -304,6 +376,12 @@ class Worker:
         self.process = context.Process(target=_worker, args=(child,), daemon=True)
         self.process.start()
         child.close()
+        # The imports (torch, transformers) are not the first model's time: wait for them here.
+        try:
+            if self.connection.poll(STARTUP_TIMEOUT):
+                self.connection.recv()
+        except (EOFError, OSError):  # died while importing: its first model reports it
+            pass
 
     def run(self, model_type: str, timeout: float) -> dict | None:
         """The record, or None when the child did not answer in time or died."""

@@ -9,7 +9,7 @@ returns None when the config does not say enough to build its input; the caller 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -22,17 +22,27 @@ BATCH, SEQ, DECODER_SEQ = 2, 8, 5
 
 @dataclass
 class InputContext:
-    """What a builder may read: the model, its config, the sizes and one seeded generator."""
+    """What a builder may read: the model, its config, the sizes, one seeded generator, the
+    names of the forward's parameters, and `shared`: values that builders of a set of inputs
+    agree on (one image grid for the patches, their grid and the image tokens)."""
 
     model: nn.Module
     config: Any
     generator: torch.Generator
     batch: int = BATCH
     seq: int = SEQ
+    parameters: tuple[str, ...] = ()
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def takes(self, *names: str) -> bool:
+        """Whether the forward has a parameter of one of these names."""
+        return any(name in self.parameters for name in names)
 
 
 Builder = Callable[[InputContext], "torch.Tensor | None"]
 BUILDERS: dict[str, Builder] = {}
+Variants = Callable[[InputContext, torch.Tensor], "list[torch.Tensor]"]
+VARIANTS: dict[str, Variants] = {}
 
 
 def input_builder(*names: str) -> Callable[[Builder], Builder]:
@@ -40,6 +50,17 @@ def input_builder(*names: str) -> Callable[[Builder], Builder]:
     def register(fn: Builder) -> Builder:
         for name in names:
             BUILDERS[name] = fn
+        return fn
+    return register
+
+
+def input_variants(*names: str) -> Callable[[Variants], Variants]:
+    """Decorator: `fn(context, tensor) -> [tensor, ...]` gives other layouts of the built input
+    (a clip as frames, an image as a one-frame clip...), tried in order when the model does not
+    run on the first; the config alone does not always say which layout the forward takes."""
+    def register(fn: Variants) -> Variants:
+        for name in names:
+            VARIANTS[name] = fn
         return fn
     return register
 
@@ -64,10 +85,10 @@ def build_decoder_input_ids(context: InputContext) -> torch.Tensor:
     return token_ids(context.config, (context.batch, DECODER_SEQ), context.generator)
 
 
-@input_builder("pixel_values")
-def build_pixel_values(context: InputContext) -> torch.Tensor:
-    config = context.config
-    channels = getattr(config, "num_channels", 3)
-    size = getattr(config, "image_size", 224)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.randn(context.batch, channels, height, width, generator=context.generator)
+@input_builder("lang_ids")
+def build_lang_ids(context: InputContext) -> torch.Tensor:
+    """The first language of a multilingual model with per-language modules (X-MOD)."""
+    return torch.zeros(context.batch, dtype=torch.long)
+
+
+from . import vision_inputs  # noqa: E402,F401  (registers the image and multimodal builders)

@@ -87,26 +87,140 @@ def hf_fixed_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def hf_example_inputs(model: nn.Module, batch: int = _BATCH, seq: int = _SEQ) -> ModelInputs:
-    """Small deterministic inputs from the model's config and `main_input_name`, one builder per
-    input name (`input_builders.BUILDERS`)."""
+    """Small deterministic inputs built from the model's config, one builder per forward input
+    (`input_builders.BUILDERS`), that the model runs on.
+
+    First the inputs the forward requires: its parameters without a default, its
+    `main_input_name` when the forward takes it, `decoder_input_ids` for an encoder-decoder.
+    When the model does not run on those alone (a CLIP-style model needs its images too), every
+    optional input that has a builder is added. CaptureError when no set runs, naming the inputs
+    built and why the forward refused them."""
     from .input_builders import BUILDERS, InputContext
 
-    context = InputContext(model, model.config, torch.Generator().manual_seed(_SEED), batch, seq)
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    name = getattr(model, "main_input_name", "input_ids")
-    names = [name]
-    if getattr(model.config, "is_encoder_decoder", False):
+    if type(model).forward is nn.Module.forward:
+        raise CaptureError(f"{type(model).__name__} has no forward to capture (it is used through "
+                           "its submodules or generate()): upcycle one of its submodules instead.")
+    required, optional = forward_inputs(model)
+    context = InputContext(model, model.config, torch.Generator().manual_seed(_SEED), batch, seq,
+                           parameters=tuple(required + optional))
+    first = first_inputs(model, required, optional)
+    candidates = [_build(model, context, first, strict=True)]
+    extra = [name for name in optional if name not in first and name in BUILDERS]
+    if extra:
+        fuller = {**candidates[0].kwargs, **_build(model, context, extra, strict=False).kwargs}
+        if fuller.keys() != candidates[0].kwargs.keys():
+            candidates.append(ModelInputs((), fuller))
+    if any(p.is_meta for p in model.parameters()):  # a skeleton: nothing to run the guess on
+        return candidates[0]
+    unbuilt = [name for name in required + optional if name not in BUILDERS and name not in _SETTINGS]
+    return _first_that_runs(model, [trial for inputs in candidates
+                                     for trial in [inputs, *_layouts(context, inputs)]], unbuilt)
+
+
+_SETTINGS = frozenset({"return_dict", "use_cache", "output_attentions", "output_hidden_states",
+                       "labels", "past_key_values", "cache_position", "logits_to_keep", "return_loss",
+                       "interpolate_pos_encoding", "inputs_embeds", "decoder_inputs_embeds"})
+
+
+def forward_inputs(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(required, optional) names of the forward's parameters, `*args`/`**kwargs` left out."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind not in variadic]
+    return ([p.name for p in params if p.default is inspect.Parameter.empty],
+            [p.name for p in params if p.default is not inspect.Parameter.empty])
+
+
+def first_inputs(model: nn.Module, required: list[str], optional: list[str]) -> list[str]:
+    """The inputs tried first: the required ones, the declared main input when the forward takes
+    it (or takes only `**kwargs`), `decoder_input_ids` of an encoder-decoder."""
+    names = list(required)
+    main = getattr(model, "main_input_name", "input_ids")
+    if main not in names and (main in optional or not (required or optional)):
+        names.insert(0, main)
+    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in optional:
         names.append("decoder_input_ids")
+    return names
+
+
+def _build(model: nn.Module, context, names: list[str], strict: bool) -> ModelInputs:
+    """The builders' tensors for `names`, on the model's device, floats in its dtype; with
+    `strict`, CaptureError for a name that cannot be built, else that name is left out."""
+    from .input_builders import BUILDERS
+
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
     kwargs: dict[str, Any] = {}
-    for input_name in names:
-        builder = BUILDERS.get(input_name)
-        tensor = None if builder is None else builder(context)
+    for name in names:
+        builder, reason = BUILDERS.get(name), "no example-input builder knows that input"
+        tensor = None
+        if builder is not None:
+            reason = "its config does not say enough to build it"
+            try:
+                tensor = builder(context)
+            except CaptureError as error:
+                reason = str(error).split("; pass example_inputs", 1)[0]
         if tensor is None:
-            raise CaptureError(
-                f"{type(model).__name__}: cannot build example inputs for its main input "
-                f"{input_name!r}; pass example_inputs={{'{input_name}': tensor, ...}} to capture it.")
-        kwargs[input_name] = tensor
-    return ModelInputs((), {k: v.to(device) for k, v in kwargs.items()})
+            if strict:
+                raise CaptureError(
+                    f"{type(model).__name__}: cannot build example inputs for its forward input "
+                    f"{name!r} ({reason}); pass example_inputs={{'{name}': tensor, ...}} with the "
+                    "inputs of one ordinary forward call.")
+            continue
+        if tensor.is_floating_point() and param is not None:
+            tensor = tensor.to(param.dtype)
+        kwargs[name] = tensor.to(device)
+    return ModelInputs((), kwargs)
+
+
+def _layouts(context, inputs: ModelInputs) -> list[ModelInputs]:
+    """`inputs` with one input in another layout its builder offers (`input_variants`)."""
+    from .input_builders import VARIANTS
+
+    trials = []
+    for name, tensor in inputs.kwargs.items():
+        for other in VARIANTS[name](context, tensor) if name in VARIANTS else []:
+            trials.append(ModelInputs((), {**inputs.kwargs, name: other}))
+    return trials
+
+
+def _depth(refusal: CaptureError) -> int:
+    """How deep in the module tree the forward failed: 0 for the model's own forward."""
+    where = str(refusal).split(" fails in ", 1)[-1].split(" ", 1)[0]
+    return 0 if where == "<model>" else where.count(".") + 1
+
+
+def _describe(inputs: ModelInputs) -> str:
+    return ", ".join(f"{name} {list(value.shape)}" for name, value in inputs.kwargs.items())
+
+
+def _first_that_runs(model: nn.Module, candidates: list[ModelInputs], unbuilt: list[str]) -> ModelInputs:
+    """The first candidate the model runs on (the model left as found); CaptureError naming the
+    inputs built, where the forward refused them and why, and the inputs no builder knows. The
+    refusal told is of the fullest set in its first layout or, when the model's forward itself
+    refused that layout (an input check), in the layout that ran deepest into the model."""
+    from .regions import record_module_inputs
+    from .snapshot import left_as_found
+
+    fixed = hf_fixed_kwargs(model)
+    refusals = []
+    for inputs in candidates:
+        try:
+            with left_as_found(model):
+                record_module_inputs(model, ModelInputs((), {**fixed, **inputs.kwargs}))
+            return inputs
+        except CaptureError as refused:
+            refusals.append((refused, inputs))
+    fullest = [r for r in refusals if r[1].kwargs.keys() == refusals[-1][1].kwargs.keys()]
+    error, refused_set = fullest[0]  # its first layout, unless the forward's own check refused it
+    if _depth(error) == 0:
+        error, refused_set = max(fullest, key=lambda r: _depth(r[0]))
+    text = str(error)
+    where = text.split("example_inputs ", 1)[-1].split(". Pass inputs", 1)[0]
+    missing = f"; it also takes {', '.join(unbuilt)}, which no builder makes" if unbuilt else ""
+    raise CaptureError(
+        f"{type(model).__name__}: the example inputs built from its config ({_describe(refused_set)}) "
+        f"do not run: the forward {where}{missing}. Pass example_inputs={{...}} with the inputs of "
+        "one ordinary forward call.") from error
 
 
 def synthesize_inputs(model: nn.Module, captured, batch: int = _BATCH,
