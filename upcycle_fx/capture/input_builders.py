@@ -71,3 +71,6 @@ def build_pixel_values(context: InputContext) -> torch.Tensor:
     size = getattr(config, "image_size", 224)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return torch.randn(context.batch, channels, height, width, generator=context.generator)
+
+
+from . import audio_inputs  # noqa: E402,F401 - registers the builders of other modalities

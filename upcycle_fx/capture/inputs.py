@@ -87,25 +87,29 @@ def hf_fixed_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def hf_example_inputs(model: nn.Module, batch: int = _BATCH, seq: int = _SEQ) -> ModelInputs:
-    """Small deterministic inputs from the model's config and `main_input_name`, one builder per
-    input name (`input_builders.BUILDERS`)."""
+    """Small deterministic inputs from the model's config for `main_input_name` and every other
+    input the forward requires, one builder per input name (`input_builders.BUILDERS`); a
+    builder may return a dict: its input and the inputs that go with it (a mask, a length)."""
     from .input_builders import BUILDERS, InputContext
+    from .input_probe import required_inputs
 
     context = InputContext(model, model.config, torch.Generator().manual_seed(_SEED), batch, seq)
     device = next(iter(model.parameters()), torch.empty(0)).device
     name = getattr(model, "main_input_name", "input_ids")
-    names = [name]
+    names = [name] + [n for n in required_inputs(model) if n != name]
     if getattr(model.config, "is_encoder_decoder", False):
         names.append("decoder_input_ids")
     kwargs: dict[str, Any] = {}
     for input_name in names:
+        if input_name in kwargs:  # already built beside another input (a mask, paired features)
+            continue
         builder = BUILDERS.get(input_name)
-        tensor = None if builder is None else builder(context)
-        if tensor is None:
+        built = None if builder is None else builder(context)
+        if built is None:
             raise CaptureError(
                 f"{type(model).__name__}: cannot build example inputs for its main input "
                 f"{input_name!r}; pass example_inputs={{'{input_name}': tensor, ...}} to capture it.")
-        kwargs[input_name] = tensor
+        kwargs.update(built if isinstance(built, Mapping) else {input_name: built})
     return ModelInputs((), {k: v.to(device) for k, v in kwargs.items()})
 
 

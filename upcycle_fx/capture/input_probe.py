@@ -1,0 +1,113 @@
+"""Pick, among a few input layouts read off a config, the first one the model runs on.
+
+A config gives the sizes of an audio, time-series or video input (mel bins, sample rate, context
+length, frames) but not its layout: Whisper-style encoders take mel features as
+[batch, mel, frames], conformers as [batch, frames, mel]; some need an exact length, a multiple
+of a window, or a mask beside the features. Builders of such inputs list their candidates,
+preferred first, each a dict of the forward inputs it implies, and `first_that_runs` keeps the
+first one an ordinary forward accepts (no gradients, the model left as found). When none does,
+the `CaptureError` names the input, the shapes tried and the last failure.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CaptureError
+
+Candidate = dict[str, torch.Tensor]
+
+
+def forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    """The named parameters of `model.forward` (no *args / **kwargs)."""
+    return {name: p for name, p in inspect.signature(model.forward).parameters.items()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def required_inputs(model: nn.Module) -> list[str]:
+    """Forward parameters without a default value."""
+    return [name for name, p in forward_parameters(model).items() if p.default is inspect.Parameter.empty]
+
+
+def config_int(config: Any, *names: str) -> int | None:
+    """The first of `names` set to a positive int on `config` or, failing that, on one of its
+    nested configs (audio_config, encoder_config, vision_config, ...)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    for sub in nested_configs(config):
+        value = config_int(sub, *names)
+        if value is not None:
+            return value
+    return None
+
+
+def nested_configs(config: Any) -> list[Any]:
+    """Configs held by `config` (objects with `to_dict`), one level down."""
+    return [v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "__dict__")]
+
+
+def unique(values: Iterable[Any]) -> list[Any]:
+    """`values` without repeats or Nones, in order."""
+    seen: list[Any] = []
+    for value in values:
+        if value is not None and value not in seen:
+            seen.append(value)
+    return seen
+
+
+def _describe(candidate: Candidate) -> str:
+    return ", ".join(f"{k}{list(v.shape)}" for k, v in candidate.items())
+
+
+def first_that_runs(context, input_name: str, candidates: Iterable[Candidate]) -> Candidate:
+    """The first candidate the model's forward runs on (with the decoder inputs an
+    encoder-decoder gets and the fixed keyword arguments); CaptureError when none does."""
+    from .input_builders import BUILDERS
+    from .inputs import hf_fixed_kwargs
+    from .snapshot import left_as_found
+
+    model = context.model
+    fixed = hf_fixed_kwargs(model)
+    if getattr(context.config, "is_encoder_decoder", False) and "decoder_input_ids" in BUILDERS:
+        try:
+            fixed["decoder_input_ids"] = BUILDERS["decoder_input_ids"](context)
+        except CaptureError:
+            pass
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    tried: list[str] = []
+    failure = "no candidate layout could be read off the config"
+    for candidate in _limited(candidates):
+        kwargs = {**fixed, **candidate}
+        tried.append(_describe(candidate))
+        try:
+            with left_as_found(model), torch.no_grad():
+                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        except CaptureError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a layout the model refuses: try the next one
+            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            continue
+        return candidate
+    shown = "; ".join(tried[:4]) + (f"; ... ({len(tried)} in all)" if len(tried) > 4 else "")
+    raise CaptureError(
+        f"{type(model).__name__}: cannot build example inputs for {input_name!r}: the model runs on "
+        f"none of the layouts its config suggests ({shown or 'none'}); last failure: {failure}. "
+        f"Pass example_inputs={{'{input_name}': tensor, ...}} with the inputs of one ordinary "
+        "forward call.")
+
+
+_MAX_CANDIDATES = 48
+
+
+def _limited(candidates: Iterable[Candidate]) -> Iterator[Candidate]:
+    for index, candidate in enumerate(candidates):
+        if index >= _MAX_CANDIDATES:
+            return
+        yield candidate
