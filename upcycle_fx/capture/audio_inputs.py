@@ -20,37 +20,32 @@ from torch import nn
 from .input_builders import InputContext, input_builder
 from .input_probe import Candidate, config_int, first_that_runs, forward_parameters, required_inputs, unique
 
-FRAMES = (256, 200, 400, 1000, 3000, 100)  # multiples of the usual windows and subsamplings
+FRAMES = (256, 200, 100, 400, 1000, 3000)  # multiples of the usual windows and subsamplings
 WAVEFORM_FRAMES = 16  # frames a waveform should give after the feature encoder
 MASK_SUFFIXES = ("_mask",)
 
 
-def _layer_input_widths(model: nn.Module, limit: int = 3) -> list[int]:
-    """Input widths of the first Linear / Conv1d layers registered: an input projection the
-    config does not name (frames stacked by the feature extractor)."""
-    widths = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            widths.append(module.in_features)
-        elif isinstance(module, nn.Conv1d):
-            widths.append(module.in_channels)
-        if len(widths) >= limit:
-            break
-    return widths
+def _input_layer_widths(model: nn.Module, widths: list[int], first: int = 3) -> list[int]:
+    """Input widths of layers the config does not name: a Linear / Conv1d reading a whole number
+    of frames stacked (2 to 8 x a named width), then the first few layers registered."""
+    layers = [m.in_features if isinstance(m, nn.Linear) else m.in_channels
+              for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+    stacked = [w for w in layers if any(w == k * named for named in widths for k in range(2, 9))]
+    return stacked + layers[:first]
 
 
 def feature_widths(context: InputContext) -> list[int]:
-    """Mel / filter-bank widths to try: what the config names first, the model's first input
-    projections next, the usual 128 and 80 last."""
+    """Mel / filter-bank widths to try: what the config names first, the usual 128 and 80, then
+    widths of the model's input layers."""
     config = context.config
     stacked = None
     per_channel = config_int(config, "input_feat_per_channel")
     if per_channel:
         stacked = per_channel * (config_int(config, "input_channels") or 1)
-    named = [config_int(config, name) for name in (
+    named = unique([stacked, *(config_int(config, name) for name in (
         "input_size", "feature_projection_input_dim", "num_mel_bins", "input_feat_size",
-        "feature_size", "n_mels", "mel_bins")]
-    return unique([stacked, *named, *_layer_input_widths(context.model), 128, 80])
+        "feature_size", "n_mels", "mel_bins"))])
+    return unique([*named, 128, 80, *_input_layer_widths(context.model, named or [128, 80])])
 
 
 def _channels_first(model: nn.Module, width: int) -> bool:
@@ -64,36 +59,43 @@ def frame_counts(context: InputContext) -> list[int]:
     return unique([2 * positions if positions else None, *FRAMES])
 
 
-def _mask_names(context: InputContext, main: str) -> list[str]:
-    """Masks over the frames of `main` the forward takes: `<main>_mask` and the required
-    `attention_mask` / `padding_mask`."""
-    params = forward_parameters(context.model)
-    required = required_inputs(context.model)
-    return [name for name in params
-            if name == f"{main}_mask" or (name in ("attention_mask", "padding_mask") and name in required)]
+def _companions(context: InputContext, main: str, count: int, samples_per_step: int | None) -> Candidate:
+    """All-valid masks over the `count` steps of `main` (`<main>_mask`, a required
+    `attention_mask` or `padding_mask`) and required lengths (`*_lengths`: steps, or samples
+    when the name says so)."""
+    params, required = forward_parameters(context.model), required_inputs(context.model)
+    companions: Candidate = {}
+    for name in params:
+        if name == f"{main}_mask" or (name in ("attention_mask", "padding_mask") and name in required):
+            companions[name] = torch.ones(context.batch, count, dtype=torch.long)
+        elif name in required and name.endswith(("_lengths", "_lens")):
+            scale = (samples_per_step or 1) if "sample" in name else 1
+            companions[name] = torch.full((context.batch,), count * scale, dtype=torch.long)
+    return companions
 
 
 def feature_candidates(context: InputContext, name: str, frames: list[int] | None = None,
-                       masks: bool = True) -> Iterator[Candidate]:
-    """[batch, width, frames] / [batch, frames, width] / with a channel axis, each with all-valid
-    masks over the frames."""
-    batch, generator = context.batch, context.generator
-    mask_names = _mask_names(context, name) if masks else []
-    for width in feature_widths(context):
-        layouts = ["mel_first", "frames_first"]
+                       companions: bool = True) -> Iterator[Candidate]:
+    """[batch, width, frames] / [batch, frames, width] / with a channel axis, each with its
+    companion inputs; ordered by the sum of the ranks of width, layout and frame count, so the
+    preferred of each comes first and no one choice runs through all the others."""
+    batch = context.batch
+    widths, counts = feature_widths(context), frames or frame_counts(context)
+    choices = []
+    for w, width in enumerate(widths):
+        layouts = [(batch, width, None), (batch, None, width)]
         if not _channels_first(context.model, width):
             layouts.reverse()
-        layouts += ["channel_frames_first", "channel_mel_first"]
-        for layout in layouts:
-            for count in frames or frame_counts(context):
-                if count == width:
-                    continue
-                shape = {"mel_first": (batch, width, count), "frames_first": (batch, count, width),
-                         "channel_frames_first": (batch, 1, count, width),
-                         "channel_mel_first": (batch, 1, width, count)}[layout]
-                candidate = {name: torch.randn(*shape, generator=generator)}
-                candidate.update({mask: torch.ones(batch, count, dtype=torch.long) for mask in mask_names})
-                yield candidate
+        layouts += [(batch, 1, None, width), (batch, 1, width, None)]
+        for lay, layout in enumerate(layouts):
+            for f, count in enumerate(counts):
+                if count != width:
+                    choices.append((w + lay + f, f, tuple(count if d is None else d for d in layout), count))
+    for _, _, shape, count in sorted(choices, key=lambda c: c[:2]):
+        candidate = {name: torch.randn(*shape, generator=context.generator)}
+        if companions:
+            candidate.update(_companions(context, name, count, _hop_length(context.config)))
+        yield candidate
 
 
 @input_builder("input_features")
@@ -105,7 +107,7 @@ def build_input_features(context: InputContext) -> Candidate:
 def build_audio_mel(context: InputContext) -> Candidate:
     """Gemma 3n's audio encoder: `audio_mel_mask` is True on padding, so all-valid is zeros."""
     def candidates() -> Iterator[Candidate]:
-        for candidate in feature_candidates(context, "audio_mel", masks=False):
+        for candidate in feature_candidates(context, "audio_mel", companions=False):
             features = candidate["audio_mel"]
             if features.dim() == 3:
                 mask = torch.zeros(features.shape[0], features.shape[1], dtype=torch.bool)
@@ -126,7 +128,7 @@ def waveform_lengths(context: InputContext) -> list[int]:
         lengths.append(frames)
     hop = _hop_length(config)
     if hop:
-        lengths.append(hop * WAVEFORM_FRAMES)
+        lengths.append(hop * WAVEFORM_FRAMES // 2)
     rate = config_int(config, "sampling_rate") or 16000
     lengths += [rate // 4 if hop is None else hop * max(1, rate // (4 * hop)), 16000, 3200]
     return unique(lengths)
@@ -158,16 +160,15 @@ def waveform_candidates(context: InputContext, name: str) -> Iterator[Candidate]
     channels = config_int(config, "audio_channels", "num_channels", "channels") or 1
     with_features = "input_features" in required_inputs(context.model)
     hop = _hop_length(config)
-    mask_names = _mask_names(context, name)
     for length in waveform_lengths(context):
         for shape in unique([(batch, length), (batch, channels, length), (batch, 1, length)]):
             waveform = {name: torch.randn(*shape, generator=generator)}
-            waveform.update({mask: torch.ones(batch, length, dtype=torch.long) for mask in mask_names})
+            waveform.update(_companions(context, name, length, 1))
             if not with_features:
                 yield waveform
                 continue
             frames = unique(length // h for h in (hop, (hop or 0) // 2, 320, 160) if h)
-            for features in feature_candidates(context, "input_features", frames, masks=False):
+            for features in feature_candidates(context, "input_features", frames, companions=False):
                 yield {**waveform, **features}
     frames = config_int(config, "max_length", "max_source_positions")
     width = config_int(config, "num_mel_bins", "feature_size")

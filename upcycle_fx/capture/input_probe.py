@@ -12,6 +12,7 @@ the `CaptureError` names the input, the shapes tried and the last failure.
 from __future__ import annotations
 
 import inspect
+import traceback
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -62,6 +63,11 @@ def unique(values: Iterable[Any]) -> list[Any]:
     return seen
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _describe(candidate: Candidate) -> str:
     return ", ".join(f"{k}{list(v.shape)}" for k, v in candidate.items())
 
@@ -71,7 +77,6 @@ def first_that_runs(context, input_name: str, candidates: Iterable[Candidate]) -
     encoder-decoder gets and the fixed keyword arguments); CaptureError when none does."""
     from .input_builders import BUILDERS
     from .inputs import hf_fixed_kwargs
-    from .snapshot import left_as_found
 
     model = context.model
     fixed = hf_fixed_kwargs(model)
@@ -81,10 +86,42 @@ def first_that_runs(context, input_name: str, candidates: Iterable[Candidate]) -
         except CaptureError:
             pass
     device = next(iter(model.parameters()), torch.empty(0)).device
+    _PROBING.add(input_name)
+    try:
+        return _first_that_runs(context, input_name, candidates, fixed, device)
+    finally:
+        _PROBING.discard(input_name)
+
+
+_PROBING: set[str] = set()  # inputs whose builders are probing now: not built again inside
+
+
+def _other_required(context, candidate: Candidate, built: dict[str, Any]) -> dict[str, Any]:
+    """Required forward inputs the candidate lacks, from their own builders (token ids beside
+    a video, ...); those that cannot be built are left out and the forward says so."""
+    from .input_builders import BUILDERS
+
+    for name in required_inputs(context.model):
+        if name in candidate or name in built or name in _PROBING or name not in BUILDERS:
+            continue
+        try:
+            value = BUILDERS[name](context)
+        except CaptureError:
+            value = None
+        if value is not None:
+            built.update(value if isinstance(value, dict) else {name: value})
+    return {k: v for k, v in built.items() if k not in candidate}
+
+
+def _first_that_runs(context, input_name, candidates, fixed, device) -> Candidate:
+    from .snapshot import left_as_found
+
+    model = context.model
+    built: dict[str, Any] = {}
     tried: list[str] = []
-    failure = "no candidate layout could be read off the config"
+    failure = None
     for candidate in _limited(candidates):
-        kwargs = {**fixed, **candidate}
+        kwargs = {**fixed, **_other_required(context, candidate, built), **candidate}
         tried.append(_describe(candidate))
         try:
             with left_as_found(model), torch.no_grad():
@@ -92,18 +129,21 @@ def first_that_runs(context, input_name: str, candidates: Iterable[Candidate]) -
         except CaptureError:
             raise
         except Exception as e:  # noqa: BLE001 - a layout the model refuses: try the next one
-            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            depth = len(traceback.extract_tb(e.__traceback__))
+            if failure is None or depth > failure[0]:  # the layout that got furthest says most
+                failure = (depth, f"{type(e).__name__}: {_first_line(e)}")
             continue
         return candidate
     shown = "; ".join(tried[:4]) + (f"; ... ({len(tried)} in all)" if len(tried) > 4 else "")
+    reason = f"the one that runs furthest fails with {failure[1]}" if failure else "none could be made"
     raise CaptureError(
         f"{type(model).__name__}: cannot build example inputs for {input_name!r}: the model runs on "
-        f"none of the layouts its config suggests ({shown or 'none'}); last failure: {failure}. "
+        f"none of the layouts its config suggests ({shown or 'none'}); {reason}. "
         f"Pass example_inputs={{'{input_name}': tensor, ...}} with the inputs of one ordinary "
         "forward call.")
 
 
-_MAX_CANDIDATES = 48
+_MAX_CANDIDATES = 40
 
 
 def _limited(candidates: Iterable[Candidate]) -> Iterator[Candidate]:
