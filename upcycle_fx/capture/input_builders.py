@@ -73,4 +73,4 @@ def build_pixel_values(context: InputContext) -> torch.Tensor:
     return torch.randn(context.batch, channels, height, width, generator=context.generator)
 
 
-from . import audio_inputs, timeseries_inputs, video_inputs  # noqa: E402,F401 - register their builders
+from . import audio_inputs, generic_inputs, timeseries_inputs, video_inputs  # noqa: E402,F401 - register their builders

@@ -91,12 +91,15 @@ def hf_example_inputs(model: nn.Module, batch: int = _BATCH, seq: int = _SEQ) ->
     input the forward requires, one builder per input name (`input_builders.BUILDERS`); a
     builder may return a dict: its input and the inputs that go with it (a mask, a length)."""
     from .input_builders import BUILDERS, InputContext
-    from .input_probe import required_inputs
+    from .input_probe import forward_parameters, required_inputs
 
     context = InputContext(model, model.config, torch.Generator().manual_seed(_SEED), batch, seq)
     device = next(iter(model.parameters()), torch.empty(0)).device
-    name = getattr(model, "main_input_name", "input_ids")
-    names = [name] + [n for n in required_inputs(model) if n != name]
+    main = getattr(model, "main_input_name", "input_ids")
+    main = list(main) if isinstance(main, (list, tuple)) else [main]
+    required = required_inputs(model)
+    names = [n for n in main if n in forward_parameters(model) or not required]
+    names += [n for n in required if n not in names]
     if getattr(model.config, "is_encoder_decoder", False):
         names.append("decoder_input_ids")
     kwargs: dict[str, Any] = {}
@@ -107,7 +110,7 @@ def hf_example_inputs(model: nn.Module, batch: int = _BATCH, seq: int = _SEQ) ->
         built = None if builder is None else builder(context)
         if built is None:
             raise CaptureError(
-                f"{type(model).__name__}: cannot build example inputs for its main input "
+                f"{type(model).__name__}: cannot build example inputs for its input "
                 f"{input_name!r}; pass example_inputs={{'{input_name}': tensor, ...}} to capture it.")
         kwargs.update(built if isinstance(built, Mapping) else {input_name: built})
     return ModelInputs((), {k: v.to(device) for k, v in kwargs.items()})
