@@ -118,13 +118,14 @@ def _first_that_runs(context, input_name, candidates, fixed, device) -> Candidat
 
     model = context.model
     built: dict[str, Any] = {}
+    cuda = [device.index or 0] if device.type == "cuda" else []  # a probe leaves the random state alone
     tried: list[str] = []
     failure = None
     for candidate in _limited(candidates):
         kwargs = {**fixed, **_other_required(context, candidate, built), **candidate}
         tried.append(_describe(candidate))
         try:
-            with left_as_found(model), torch.no_grad():
+            with left_as_found(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
                 model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
         except CaptureError:
             raise
