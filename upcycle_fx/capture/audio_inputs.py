@@ -11,6 +11,7 @@ forward asks for beside the features are all-valid.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ from .input_probe import Candidate, config_int, first_that_runs, forward_paramet
 
 FRAMES = (256, 200, 100, 400, 1000, 3000)  # multiples of the usual windows and subsamplings
 WAVEFORM_FRAMES = 16  # frames a waveform should give after the feature encoder
-MASK_SUFFIXES = ("_mask",)
+PAIRED_FEATURES = 4  # feature layouts tried beside each waveform layout
 
 
 def _input_layer_widths(model: nn.Module, widths: list[int], first: int = 3) -> list[int]:
@@ -168,7 +169,8 @@ def waveform_candidates(context: InputContext, name: str) -> Iterator[Candidate]
                 yield waveform
                 continue
             frames = unique(length // h for h in (hop, (hop or 0) // 2, 320, 160) if h)
-            for features in feature_candidates(context, "input_features", frames, companions=False):
+            paired = feature_candidates(context, "input_features", frames, companions=False)
+            for features in itertools.islice(paired, PAIRED_FEATURES):
                 yield {**waveform, **features}
     frames = config_int(config, "max_length", "max_source_positions")
     width = config_int(config, "num_mel_bins", "feature_size")
@@ -176,16 +178,26 @@ def waveform_candidates(context: InputContext, name: str) -> Iterator[Candidate]
         yield {name: torch.randn(batch, frames, width, generator=generator)}
 
 
-def _decoder_values(context: InputContext) -> Candidate:
-    """SpeechT5-style decoders read mel frames (`decoder_input_values`), not token ids."""
+def _decoder_values(context: InputContext, width: int | None) -> Candidate:
+    """SpeechT5-style decoders read frames (`decoder_input_values`), not token ids."""
     if "decoder_input_values" not in forward_parameters(context.model):
         return {}
-    width = config_int(context.config, "num_mel_bins") or 80
+    width = width or config_int(context.config, "num_mel_bins") or 80
     return {"decoder_input_values": torch.randn(context.batch, 5, width, generator=context.generator)}
+
+
+def _hidden_states(context: InputContext, name: str) -> Iterator[Candidate]:
+    """A model without its speech pre-nets (SpeechT5Model) reads hidden states as `input_values`."""
+    width = config_int(context.config, "hidden_size", "d_model")
+    if width:
+        yield {name: torch.randn(context.batch, context.seq, width, generator=context.generator),
+               **_decoder_values(context, width)}
 
 
 @input_builder("input_values")
 def build_input_values(context: InputContext) -> Candidate:
-    decoder = _decoder_values(context)
-    candidates = ({**c, **decoder} for c in waveform_candidates(context, "input_values"))
-    return first_that_runs(context, "input_values", candidates)
+    def candidates() -> Iterator[Candidate]:
+        for candidate in waveform_candidates(context, "input_values"):
+            yield {**candidate, **_decoder_values(context, None)}
+        yield from _hidden_states(context, "input_values")
+    return first_that_runs(context, "input_values", candidates())

@@ -12,12 +12,13 @@ the `CaptureError` names the input, the shapes tried and the last failure.
 from __future__ import annotations
 
 import inspect
-import traceback
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from ..errors import CaptureError
 
@@ -124,16 +125,19 @@ def _first_that_runs(context, input_name, candidates, fixed, device) -> Candidat
     for candidate in _limited(candidates):
         kwargs = {**fixed, **_other_required(context, candidate, built), **candidate}
         tried.append(_describe(candidate))
+        calls = [0]  # modules entered before a failure: how far a layout got
+        counter = register_module_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         try:
             with left_as_found(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
                 model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
         except CaptureError:
             raise
         except Exception as e:  # noqa: BLE001 - a layout the model refuses: try the next one
-            depth = len(traceback.extract_tb(e.__traceback__))
-            if failure is None or depth > failure[0]:  # the layout that got furthest says most
-                failure = (depth, f"{type(e).__name__}: {_first_line(e)}")
+            if failure is None or calls[0] > failure[0]:  # the layout that got furthest says most
+                failure = (calls[0], f"{type(e).__name__}: {_first_line(e)}")
             continue
+        finally:
+            counter.remove()
         return candidate
     shown = "; ".join(tried[:4]) + (f"; ... ({len(tried)} in all)" if len(tried) > 4 else "")
     reason = f"the one that runs furthest fails with {failure[1]}" if failure else "none could be made"
@@ -144,11 +148,13 @@ def _first_that_runs(context, input_name, candidates, fixed, device) -> Candidat
         "forward call.")
 
 
-_MAX_CANDIDATES = 40
+_MAX_CANDIDATES = 24
+_MAX_SECONDS = 30.0  # a model slow to refuse a layout is not tried on every other one
 
 
 def _limited(candidates: Iterable[Candidate]) -> Iterator[Candidate]:
+    start = time.monotonic()
     for index, candidate in enumerate(candidates):
-        if index >= _MAX_CANDIDATES:
+        if index >= _MAX_CANDIDATES or (index and time.monotonic() - start > _MAX_SECONDS):
             return
         yield candidate
