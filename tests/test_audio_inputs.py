@@ -23,7 +23,8 @@ def tiny(config_name: str, model_name: str, **config) -> torch.nn.Module:
 
 def converts(model: torch.nn.Module) -> upcycle_fx.UpcycleResult:
     """Upcycle with the inputs built from the config; the check against the dense model passed."""
-    result = upcycle_fx.upcycle(model, UpcycleConfig(pattern="every_other_mlp", num_experts=4, top_k=2, seed=0))
+    config = UpcycleConfig(pattern="every_other_mlp", num_experts=4, top_k=2, seed=0)
+    result = upcycle_fx.upcycle(model, config)
     assert upcycle_fx.moe_layers(result.model)
     assert result.verified_error is not None and result.verified_error <= TOLERANCE
     return result

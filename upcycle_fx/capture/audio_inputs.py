@@ -138,7 +138,8 @@ def waveform_lengths(context: InputContext) -> list[int]:
 def _conv_geometry(config) -> tuple[list[int], list[int]]:
     for sub in [config, *[getattr(config, n, None) for n in ("encoder", "audio_config", "encoder_config")]]:
         kernels, strides = getattr(sub, "conv_kernel", None), getattr(sub, "conv_stride", None)
-        if isinstance(kernels, (list, tuple)) and isinstance(strides, (list, tuple)) and len(kernels) == len(strides):
+        if (isinstance(kernels, (list, tuple)) and isinstance(strides, (list, tuple))
+                and len(kernels) == len(strides)):
             return list(kernels), list(strides)
     return [], []
 

@@ -27,8 +27,8 @@ def vector_widths(context: InputContext, first: int = 4) -> list[int]:
     for module in context.model.modules():
         if isinstance(module, nn.Linear):
             layers.append(module.in_features)
-        elif isinstance(getattr(module, "normalized_shape", None), tuple) and len(module.normalized_shape) == 1:
-            layers.append(module.normalized_shape[0])
+        elif isinstance(shape := getattr(module, "normalized_shape", None), tuple) and len(shape) == 1:
+            layers.append(shape[0])
     named = config_int(context.config, "hidden_size", "d_model", "dim", "n_embd", "embed_dim")
     return unique([named, *layers])[:first]
 
@@ -37,12 +37,14 @@ def _vector_names(context: InputContext) -> list[str]:
     """The vector inputs to build: the main input and the required ones."""
     main = getattr(context.model, "main_input_name", None)
     required = required_inputs(context.model)
-    return [n for n in forward_parameters(context.model) if n in VECTOR_INPUTS and (n == main or n in required)]
+    return [n for n in forward_parameters(context.model)
+            if n in VECTOR_INPUTS and (n == main or n in required)]
 
 
 def vector_candidates(context: InputContext) -> Iterator[Candidate]:
     names, widths = _vector_names(context), vector_widths(context)
-    combos = sorted(itertools.product(range(len(widths)), repeat=len(names)), key=lambda ranks: (sum(ranks), ranks))
+    combos = sorted(itertools.product(range(len(widths)), repeat=len(names)),
+                    key=lambda ranks: (sum(ranks), ranks))
     for ranks in combos:
         yield {name: torch.randn(context.batch, context.seq, widths[r], generator=context.generator)
                for name, r in zip(names, ranks)}
