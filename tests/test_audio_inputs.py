@@ -13,6 +13,7 @@ from upcycle_fx import CaptureError, UpcycleConfig
 from upcycle_fx.capture.inputs import hf_example_inputs
 
 TOLERANCE = 1e-5  # relative, float32 (DESIGN §8)
+OPTIONS = dict(pattern="every_other_mlp", num_experts=4, top_k=2, seed=0)
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
@@ -23,8 +24,7 @@ def tiny(config_name: str, model_name: str, **config) -> torch.nn.Module:
 
 def converts(model: torch.nn.Module) -> upcycle_fx.UpcycleResult:
     """Upcycle with the inputs built from the config; the check against the dense model passed."""
-    config = UpcycleConfig(pattern="every_other_mlp", num_experts=4, top_k=2, seed=0)
-    result = upcycle_fx.upcycle(model, config)
+    result = upcycle_fx.upcycle(model, UpcycleConfig(**OPTIONS))
     assert upcycle_fx.moe_layers(result.model)
     assert result.verified_error is not None and result.verified_error <= TOLERANCE
     return result
@@ -53,6 +53,15 @@ def test_whisper_style_features_are_mel_first_and_as_long_as_the_encoder_needs()
     inputs = hf_example_inputs(model).kwargs
     assert tuple(inputs["input_features"].shape) == (2, 16, 48)  # [batch, mel, 2 x max_source_positions]
     assert tuple(inputs["decoder_input_ids"].shape)[0] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_built_inputs_take_the_model_dtype(dtype):
+    """A half-precision speech model gets features in its own dtype, and converts."""
+    model = wav2vec2().to(dtype)
+    assert hf_example_inputs(model).kwargs["input_values"].dtype == dtype
+    result = upcycle_fx.upcycle(model, UpcycleConfig(**OPTIONS))
+    assert upcycle_fx.moe_layers(result.model) and result.verified_error is not None
 
 
 def test_conformer_features_are_frames_first_and_convert():
@@ -93,4 +102,4 @@ def test_no_layout_runs_names_the_input_and_asks_for_example_inputs():
     torch.manual_seed(0)
     model = _Refusing(wav2vec2().config).eval()
     with pytest.raises(CaptureError, match=r"'input_values'.*this forward takes nothing.*example_inputs="):
-        upcycle_fx.upcycle(model, UpcycleConfig(pattern="every_other_mlp", num_experts=4, top_k=2, seed=0))
+        upcycle_fx.upcycle(model, UpcycleConfig(**OPTIONS))

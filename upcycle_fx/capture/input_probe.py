@@ -69,6 +69,13 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def _like_model(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """On the model's device; floating tensors in its floating dtype (a bf16 model takes bf16)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+
+
 def _describe(candidate: Candidate) -> str:
     return ", ".join(f"{k}{list(v.shape)}" for k, v in candidate.items())
 
@@ -122,14 +129,16 @@ def _first_that_runs(context, input_name, candidates, fixed, device) -> Candidat
     cuda = [device.index or 0] if device.type == "cuda" else []  # a probe leaves the random state alone
     tried: list[str] = []
     failure = None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for candidate in _limited(candidates):
+        candidate = {k: _like_model(v, device, dtype) for k, v in candidate.items()}
         kwargs = {**fixed, **_other_required(context, candidate, built), **candidate}
         tried.append(_describe(candidate))
         calls = [0]  # modules entered before a failure: how far a layout got
         counter = register_module_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         try:
             with left_as_found(model), torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+                model(**{k: _like_model(v, device, dtype) for k, v in kwargs.items()})
         except CaptureError:
             raise
         except Exception as e:  # noqa: BLE001 - a layout the model refuses: try the next one
