@@ -92,3 +92,4 @@ def build_lang_ids(context: InputContext) -> torch.Tensor:
 
 
 from . import vision_inputs  # noqa: E402,F401  (registers the image and multimodal builders)
+from . import audio_inputs, generic_inputs, timeseries_inputs, video_inputs  # noqa: E402,F401 - register their builders

@@ -96,6 +96,7 @@ def hf_example_inputs(model: nn.Module, batch: int = _BATCH, seq: int = _SEQ) ->
     optional input that has a builder is added. CaptureError when no set runs, naming the inputs
     built and why the forward refused them."""
     from .input_builders import BUILDERS, InputContext
+    from .input_probe import forward_parameters, required_inputs
 
     if type(model).forward is nn.Module.forward:
         raise CaptureError(f"{type(model).__name__} has no forward to capture (it is used through "
@@ -135,8 +136,9 @@ def first_inputs(model: nn.Module, required: list[str], optional: list[str]) -> 
     it (or takes only `**kwargs`), `decoder_input_ids` of an encoder-decoder."""
     names = list(required)
     main = getattr(model, "main_input_name", "input_ids")
-    if main not in names and (main in optional or not (required or optional)):
-        names.insert(0, main)
+    for name in reversed(list(main) if isinstance(main, (list, tuple)) else [main]):
+        if name not in names and (name in optional or not (required or optional)):
+            names.insert(0, name)
     if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in optional:
         names.append("decoder_input_ids")
     return names
@@ -151,6 +153,8 @@ def _build(model: nn.Module, context, names: list[str], strict: bool) -> ModelIn
     device = param.device if param is not None else torch.device("cpu")
     kwargs: dict[str, Any] = {}
     for name in names:
+        if name in kwargs:  # already built beside another input (a mask, paired features)
+            continue
         builder, reason = BUILDERS.get(name), "no example-input builder knows that input"
         tensor = None
         if builder is not None:
@@ -166,9 +170,11 @@ def _build(model: nn.Module, context, names: list[str], strict: bool) -> ModelIn
                     f"{name!r} ({reason}); pass example_inputs={{'{name}': tensor, ...}} with the "
                     "inputs of one ordinary forward call.")
             continue
-        if tensor.is_floating_point() and param is not None:
-            tensor = tensor.to(param.dtype)
-        kwargs[name] = tensor.to(device)
+        built = tensor if isinstance(tensor, Mapping) else {name: tensor}  # an input and its companions
+        for key, value in built.items():
+            if value.is_floating_point() and param is not None:
+                value = value.to(param.dtype)
+            kwargs[key] = value.to(device)
     return ModelInputs((), kwargs)
 
 

@@ -82,7 +82,12 @@ def _float_outputs(output) -> list[torch.Tensor]:
 
 
 def _outputs(model: nn.Module, inputs: ModelInputs) -> list[torch.Tensor]:
-    with _quiet_eval(model):
+    """Outputs under one fixed random state, so a forward that draws at random in eval mode
+    (MAE's patch masking) draws the same for the dense and the upcycled model; the caller's
+    random state is left as it was."""
+    devices = sorted({t.device.index or 0 for t in inputs.tensors() if t.device.type == "cuda"})
+    with _quiet_eval(model), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
         return _float_outputs(inputs.call(model))
 
 
