@@ -17,6 +17,7 @@ from torch import nn
 from .audio_inputs import feature_candidates, waveform_candidates
 from .input_builders import InputContext, input_builder, token_ids
 from .input_probe import Candidate, config_int, first_that_runs, forward_parameters, required_inputs, unique
+from .vision_inputs import GRID_INPUTS, flat_patches
 
 VECTOR_INPUTS = ("inputs_embeds", "hidden_states", "noise_embeds", "context_hidden_states", "action_embeds")
 
@@ -52,6 +53,8 @@ def vector_candidates(context: InputContext) -> Iterator[Candidate]:
 
 @input_builder(*VECTOR_INPUTS)
 def build_vectors(context: InputContext) -> Candidate | None:
+    if context.takes(*GRID_INPUTS):  # a vision tower fed flattened patches with their grid
+        return flat_patches(context)
     if not _vector_names(context):
         return None
     return first_that_runs(context, " and ".join(_vector_names(context)), vector_candidates(context))
