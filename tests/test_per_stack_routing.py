@@ -252,8 +252,6 @@ def test_cli_routing_from_a_recipe_mapping_and_a_bad_stack(tmp_path, capsys):
 # --------------------------------------------------------------------------- BART and Whisper
 
 
-@pytest.mark.xfail(strict=True, raises=RewriteError,
-                   reason="BART's FFN is written inline in a layer that cannot be re-traced yet")
 def test_bart_expert_choice_in_the_encoder_top_k_in_the_decoder(tmp_path):
     model = upcycle_fx.rewrite(bart(), pattern="all", num_experts=4, routing=PAPER)
     assert routings(model) == [("model", "expert_choice")] * 2 + [("model", "top_k")] * 2
@@ -265,17 +263,15 @@ def test_bart_expert_choice_in_the_encoder_top_k_in_the_decoder(tmp_path):
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
 
 
-@pytest.mark.xfail(strict=True, raises=RewriteError,
-                   reason="Whisper's FFN is written inline in a layer that cannot be re-traced yet")
 def test_whisper_expert_choice_in_the_encoder_top_k_in_the_decoder(tmp_path):
-    """Whisper needs example inputs to be captured; the native checkpoint is loaded with them (on
-    the meta device, where `load` rebuilds the skeleton)."""
+    """Whisper captured on the user's inputs; the native checkpoint is loaded with the same
+    inputs (moved by `load` to the meta device of the skeleton it rebuilds)."""
     inputs = whisper_inputs()
     model = upcycle_fx.rewrite(whisper(), pattern="all", num_experts=4, routing=PAPER, example_inputs=inputs)
     assert [(n.split(".")[1], r) for (n, _), (_, r) in zip(upcycle_fx.moe_layers(model), routings(model))] == (
         [("encoder", "expert_choice")] * 2 + [("decoder", "top_k")] * 2)
     upcycle_fx.save(model, tmp_path)
-    loaded = upcycle_fx.load(tmp_path, example_inputs={k: v.to("meta") for k, v in inputs.items()}).eval()
+    loaded = upcycle_fx.load(tmp_path, example_inputs=inputs).eval()
     assert routings(loaded) == routings(model)
     assert torch.equal(logits(loaded, inputs), logits(model, inputs))
 

@@ -124,7 +124,8 @@ def load(directory: str | os.PathLike, skeleton: nn.Module | None = None, *,
     manifest = read_manifest(directory)
     reader = CheckpointReader(directory)
     if skeleton is None:
-        model = rebuild(manifest, _hf_skeleton(manifest, directory), example_inputs=example_inputs,
+        built = _hf_skeleton(manifest, directory)
+        model = rebuild(manifest, built, example_inputs=_on_device_of(built, example_inputs),
                         leaf_modules=leaf_modules, inplace=True, where=str(directory))
     else:
         model = rebuild(manifest, skeleton, example_inputs=example_inputs, leaf_modules=leaf_modules,
@@ -209,3 +210,13 @@ def _check_arguments(function: str, **arguments: Any) -> None:
             raise CheckpointError(f"upcycle_fx.{function}: {name}={value!r} must be {what}.")
     if arguments.get("format") not in (None, "native", "hf"):
         raise CheckpointError(f"format={arguments['format']!r} is unknown; use 'native' or 'hf'.")
+
+
+def _on_device_of(model: nn.Module, example_inputs: Any) -> Any:
+    """The user's example inputs on the device of the skeleton load builds (the meta device)."""
+    weight = next(iter(model.parameters()), None)
+    if example_inputs is None or weight is None:
+        return example_inputs
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(weight.device) if isinstance(t, torch.Tensor) else t, example_inputs)
