@@ -269,11 +269,11 @@ def test_cuda_dispatch_paths_of_a_granular_shared_layer_equal_the_loop(dtype):
 
     ffn = _ffn(d=64, f=128)
     layout = layout_of(128, 6, 4, 1, True)
-    moe = _granular_moe(ffn, 6, 4, MoESettings(top_k=3, granularity=4, num_shared_experts=1, shared_expert_gate=True))
-    moe.experts = Experts.from_units(ffn, layout.routed_units, down_scale=layout.routed_scale,
-                                     activation=torch.nn.SiLU(), activation_name="silu")
-    moe.router = Router(64, 6, init_std=1.0, generator=torch.Generator().manual_seed(0))
-    tie_router_groups(moe.router.weight, layout.group_size)
+    experts = Experts.from_units(ffn, layout.routed_units, down_scale=layout.routed_scale,
+                                 activation=torch.nn.SiLU(), activation_name="silu")
+    router = Router(64, 6, init_std=1.0, generator=torch.Generator().manual_seed(0))
+    tie_router_groups(router.weight, layout.group_size)
+    moe = MoE(router, experts, MoESettings(top_k=3, granularity=4, num_shared_experts=1, shared_expert_gate=True))
     moe.shared = SharedExperts.build(ffn, layout.shared_units, 1, scale=layout.shared_scale, gated=True,
                                      activation=torch.nn.SiLU(), activation_name="silu", hidden_dropout=0.0)
     moe = moe.to("cuda", dtype).eval()

@@ -213,3 +213,22 @@ def test_cli_writes_a_fine_grained_shared_expert_model_users_load_with_transform
     assert bad.returncode == 2 and "at most 3 of its 4 segments" in " ".join((bad.stderr + bad.stdout).split())
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
     assert snapshot(source) == before
+
+
+@pytest.mark.parametrize("granularity, num_experts, top_k", [(1, 4, 2), (4, 6, 3)])
+def test_a_biased_ffn_with_shared_experts_adds_its_down_bias_once(granularity, num_experts, top_k):
+    """Routed experts carry the whole down bias (their weights sum to 1); the shared ones must not
+    add it again."""
+    from upcycle_fx.report import relative_error
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    with torch.no_grad():
+        dense[2].bias.normal_(0, 5.0)  # a bias large enough that counting it twice shows
+    model = torch.nn.Sequential(dense).eval()
+    x = torch.randn(4, 16)
+    result = upcycle_fx.upcycle(model, upcycle_fx.UpcycleConfig(
+        pattern="all", num_experts=num_experts, top_k=top_k, granularity=granularity, num_shared_experts=1,
+        shared_expert_gate=True, seed=0), example_inputs=(x,))
+    with torch.no_grad():
+        assert relative_error(result.model(x), model(x)) <= 1e-5

@@ -35,6 +35,9 @@ class SharedExperts(nn.Module):
               activation: nn.Module, activation_name: str, hidden_dropout: float) -> "SharedExperts":
         experts = Experts.from_units(ffn, units.unsqueeze(0), down_scale=scale, activation=activation,
                                      activation_name=activation_name, hidden_dropout=hidden_dropout)
+        if experts.down_bias is not None:  # the routed experts already add the whole down bias
+            with torch.no_grad():
+                experts.down_bias.zero_()
         return cls(experts, num_shared, gated=gated)
 
     @property
