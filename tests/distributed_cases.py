@@ -38,6 +38,9 @@ class Case:
     balancing: str = "loss"
     bias_update_speed: float = 0.001
     balance_scope: str = "micro_batch"
+    granularity: int = 1              # fine-grained experts of d_ff / granularity hidden units
+    num_shared_experts: int = 0
+    top_k: int = 2
 
     @property
     def per_rank_routing(self) -> bool:
@@ -65,11 +68,13 @@ def build_model(case: Case) -> torch.nn.Module:
         model_class = transformers.LlamaForCausalLM
     torch.manual_seed(0)
     dense = model_class(config)
-    model = upcycle_fx.rewrite(dense, num_experts=case.num_experts, top_k=2, routing=case.routing,
+    model = upcycle_fx.rewrite(dense, num_experts=case.num_experts, top_k=case.top_k, routing=case.routing,
                                capacity_factor=case.capacity_factor, aux_loss_weight=case.aux_loss_weight,
                                z_loss_weight=case.z_loss_weight, router_init_std=case.router_std,
                                scoring=case.scoring, balancing=case.balancing,
                                bias_update_speed=case.bias_update_speed, balance_scope=case.balance_scope,
+                               granularity=case.granularity, num_shared_experts=case.num_shared_experts,
+                               shared_expert_gate=case.num_shared_experts > 0,
                                expert_noise_std=0.01, seed=0, verify=False)
     return model.train()
 
@@ -193,3 +198,11 @@ BALANCE_CASES = {case.name: case for case in [
          aux_loss_weight=0.1),
 ]}
 CASES.update(BALANCE_CASES)
+# Fine-grained experts (8 of d_ff/4, top-4) beside one gated shared expert, on 2 ranks.
+RECIPE_CASES = {case.name: case for case in [
+    Case("fsdp_granular_shared", expert_parallel=False, num_experts=6, top_k=3, granularity=4,
+         num_shared_experts=1),
+    Case("ep_granular_shared", expert_parallel=True, num_experts=6, top_k=3, granularity=4,
+         num_shared_experts=1),
+]}
+CASES.update(RECIPE_CASES)

@@ -232,3 +232,24 @@ def test_a_biased_ffn_with_shared_experts_adds_its_down_bias_once(granularity, n
         shared_expert_gate=True, seed=0), example_inputs=(x,))
     with torch.no_grad():
         assert relative_error(result.model(x), model(x)) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def recipe_ranks(tmp_path_factory):
+    from distributed_cases import RECIPE_CASES
+    from test_distributed import torchrun
+
+    out = tmp_path_factory.mktemp("recipe_ranks")
+    torchrun(2, out, "--cases", ",".join(RECIPE_CASES))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsdp_granular_shared", "ep_granular_shared"])
+def test_fine_grained_and_shared_experts_train_on_two_ranks_like_one_process(recipe_ranks, name):
+    """FSDP2 and expert parallelism (2 gloo ranks) with fine-grained routed experts beside a gated
+    shared expert: the same losses, loads, gradients and parameters after 3 steps as one process
+    on the global batch (float32, 1e-5)."""
+    from test_distributed import assert_matches_single_process, load, reference
+
+    assert_matches_single_process(load(recipe_ranks, name), reference(name, 2))
