@@ -404,3 +404,16 @@ def test_bloom_needs_nothing_structural_once_its_activation_is_known(monkeypatch
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert _max_error(result.model(ids).logits, model(ids).logits) < TOL
+
+
+def test_every_other_mlp_takes_albert_shared_ffn():
+    """ALBERT's one FFN serves every block: the default pattern converts it (one shared MoE) and
+    says why, instead of selecting nothing."""
+    config = transformers.AlbertConfig(vocab_size=100, embedding_size=32, hidden_size=32, num_hidden_layers=4,
+                                       num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.AlbertModel(config).eval()
+    result = upcycle_fx.upcycle(model)
+    assert [name for name, _ in upcycle_fx.moe_layers(result.model)] == ["encoder.albert_layer_groups.0.albert_layers.0.ffn"]
+    assert result.verified_error is not None and result.verified_error <= 1e-5
+    assert "shared by all 4 calls" in upcycle_fx.find_mlps(model).explain()

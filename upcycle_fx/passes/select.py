@@ -9,10 +9,11 @@ from .find_mlps import MLPMatch
 
 def select_mlps(mlps: list[MLPMatch], pattern: PatternSpec) -> list[MLPMatch]:
     """`"every_other_mlp"`: blocks 1, 3, 5, ... of each stack (encoder and decoder counted
-    apart), as in Komatsuzaki et al.; `"all"`; a list of indices in execution order; or a
-    callable `fn(MLPMatch) -> bool`."""
+    apart), as in Komatsuzaki et al., and an FFN outside any stack whose weights every block
+    shares (ALBERT: it serves the odd blocks too); `"all"`; a list of indices in execution
+    order; or a callable `fn(MLPMatch) -> bool`."""
     if pattern == "every_other_mlp":
-        chosen = [m for m in mlps if m.block is not None and m.block % 2 == 1]
+        chosen = [m for m in mlps if (m.block is not None and m.block % 2 == 1) or serves_every_block(m)]
     elif pattern == "all":
         chosen = list(mlps)
     elif callable(pattern):
@@ -33,6 +34,12 @@ def select_mlps(mlps: list[MLPMatch], pattern: PatternSpec) -> list[MLPMatch]:
     return chosen
 
 
+def serves_every_block(match: MLPMatch) -> bool:
+    """An FFN outside any stack of blocks, called more than once with the same weights: the
+    repeated block is the one shared module (ALBERT), so it is every block's FFN."""
+    return match.stack is None and len(match.site.every_call) > 1
+
+
 def _calls(pattern, match: MLPMatch) -> bool:
     """`pattern(match)` as a bool; an exception inside it names the FFN and the callable."""
     try:
@@ -49,6 +56,9 @@ def selection_reason(pattern: PatternSpec, match: MLPMatch, selected: bool) -> t
     """Why `pattern` takes (`selected`) or leaves `match`: (in a few words, in a sentence)."""
     if pattern == "every_other_mlp":
         rule = "pattern every_other_mlp takes odd blocks (1, 3, 5, ...) of each stack of blocks"
+        if serves_every_block(match):
+            return "shared by every block", (f"{rule}; this FFN's weights are shared by all "
+                                             f"{len(match.site.every_call)} calls (one MoE serves them all)")
         if match.stack is None:
             return "in no stack", f"{rule}; this FFN is in none (use pattern='all' or its index)"
         parity = "odd" if match.block % 2 else "even"
