@@ -103,3 +103,25 @@ def test_no_layout_runs_names_the_input_and_asks_for_example_inputs():
     model = _Refusing(wav2vec2().config).eval()
     with pytest.raises(CaptureError, match=r"'input_values'.*this forward takes nothing.*example_inputs="):
         upcycle_fx.upcycle(model, UpcycleConfig(**OPTIONS))
+
+
+def test_a_config_whose_property_raises_is_a_capture_error_not_a_crash():
+    """Some configs validate in a property (WavTokenizer's `encoder_config`); a builder that reads
+    it must end in a named CaptureError that says so."""
+    import transformers
+
+    import upcycle_fx
+
+    config = transformers.Wav2Vec2Config(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                         conv_kernel=(10, 3), num_feat_extract_layers=2)
+    model = transformers.Wav2Vec2Model(config).eval()
+
+    class Refusing(type(config)):
+        @property
+        def encoder(self):
+            raise ValueError("codebook_dim must equal hidden_size")
+
+    model.config.__class__ = Refusing
+    with pytest.raises(upcycle_fx.CaptureError, match="reading its config failed: ValueError: codebook_dim"):
+        upcycle_fx.find_mlps(model)

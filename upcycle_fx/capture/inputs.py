@@ -163,6 +163,8 @@ def _build(model: nn.Module, context, names: list[str], strict: bool) -> ModelIn
                 tensor = builder(context)
             except CaptureError as error:
                 reason = str(error).split("; pass example_inputs", 1)[0]
+            except Exception as error:  # noqa: BLE001 - the model's config refused a read (a validating property)
+                reason = f"reading its config failed: {type(error).__name__}: {str(error).splitlines()[0]}"
         if tensor is None:
             if strict:
                 raise CaptureError(
