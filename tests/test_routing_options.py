@@ -413,3 +413,27 @@ def test_streaming_conversion_writes_a_float32_bias(tmp_path, dtype):
     moe = upcycle_fx.moe_layers(upcycle_fx.load(tmp_path / "out"))[0][1]
     assert moe.router.weight.dtype == (torch.float16 if dtype else torch.bfloat16)
     assert moe.expert_bias.dtype == torch.float32 and moe.settings.scoring == "sigmoid"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_dispatch_paths_of_sigmoid_bias_routing_equal_the_loop(dtype):
+    """On CUDA (the Triton decode kernel for a few rows, grouped matmuls for many) a layer with
+    sigmoid scores, a non-zero selection bias and scaled weights equals the loop oracle."""
+    model = upcycle_fx.rewrite(llama(), pattern="all", num_experts=8, top_k=2, scoring="sigmoid",
+                               balancing="bias", routed_scaling_factor=2.5, expert_noise_std=0.1,
+                               router_init_std=0.5, seed=0, verify=False)
+    moe = upcycle_fx.moe_layers(model)[0][1]
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.linspace(-0.5, 0.5, 8))
+    moe = moe.to("cuda", dtype).eval()
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for tokens in (3, 300):
+        x = torch.randn(tokens, 32, device="cuda", dtype=dtype)
+        outs = {}
+        for impl in ("auto", "grouped", "loop"):
+            moe.dispatch_impl = impl
+            with torch.no_grad():
+                outs[impl] = moe(x).float()
+        for impl in ("auto", "grouped"):
+            assert upcycle_fx.report.relative_error(outs[impl], outs["loop"]) <= tolerance
