@@ -158,3 +158,18 @@ def test_tokenizer_output_is_accepted_as_keyword_arguments():
     batch = transformers.BatchEncoding({"input_ids": torch.randint(0, 100, (2, 6))})
     result = upcycle_fx.upcycle(model, example_inputs=batch)
     assert result.verified_error is not None and result.verified_error <= 1e-5
+
+
+def test_layer_settings_default_like_the_config():
+    """MoESettings repeats UpcycleConfig's per-layer fields: the same names must have the same
+    defaults, so a layer rebuilt from a saved manifest routes as the config said."""
+    from dataclasses import fields
+
+    from upcycle_fx import UpcycleConfig
+    from upcycle_fx.moe import MoESettings
+
+    config = UpcycleConfig()
+    names = {f.name for f in fields(UpcycleConfig)}
+    for f in fields(MoESettings):
+        assert f.name in names, f.name
+        assert f.default == getattr(config, f.name), f.name
